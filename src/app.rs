@@ -1,0 +1,76 @@
+//! Wiring shared by the commands: configuration in, a ready [`Pipeline`] out.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::format::signing::SigningKey;
+use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::pipeline::{Options, Pipeline, RetryPolicy};
+use crate::store::Store;
+use crate::target::{self, NarFormat};
+
+/// The signing key the configuration names, or the embedded default (created on first use,
+/// announced on stderr). Attic signs on the server, so there a key is optional.
+pub fn signing_key(cfg: &Config, format: NarFormat) -> anyhow::Result<Option<SigningKey>> {
+    if let Some(p) = &cfg.key_file {
+        return Ok(Some(crate::keys::load_signing_key(p)?));
+    }
+    if format == NarFormat::Raw {
+        return Ok(None);
+    }
+    let (key, created) = crate::keys::default_key(&cfg.state_dir)?;
+    if let Some(public) = created {
+        eprintln!(
+            "narpost: generated signing key {}; add this to trusted-public-keys on machines that substitute from the cache:\n{}",
+            cfg.state_dir.join("signing.sec").display(),
+            public.to_nix_string()
+        );
+    }
+    Ok(Some(key))
+}
+
+pub fn pipeline(cfg: &Config, retry: RetryPolicy) -> anyhow::Result<Pipeline> {
+    let target = target::from_config(cfg).map_err(crate::error::from_target)?;
+    let key = signing_key(cfg, target.nar_format())?;
+    let store = Arc::new(Store::open_default()?);
+    Ok(Pipeline::new(
+        store,
+        target,
+        key,
+        Options {
+            jobs: cfg.jobs,
+            spool_dir: cfg.state_dir.join("spool"),
+            retry,
+        },
+    ))
+}
+
+/// Accepts a store path, or anything that resolves into one (`./result`, a file inside a
+/// store path), and names the store path it belongs to.
+pub fn resolve_store_path(arg: &Path) -> anyhow::Result<StorePath> {
+    let s = arg.to_string_lossy();
+    if let Ok(p) = StorePath::from_absolute(&s) {
+        return Ok(p);
+    }
+    let resolved = std::fs::canonicalize(arg)
+        .with_context(|| format!("{}: not a store path and cannot be resolved", arg.display()))?;
+    let rel = resolved.strip_prefix(STORE_DIR).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: not in the Nix store (resolves to {})",
+            arg.display(),
+            resolved.display()
+        )
+    })?;
+    let first = match rel.components().next() {
+        Some(Component::Normal(c)) => c.to_string_lossy().to_string(),
+        _ => anyhow::bail!("{}: is the store directory itself, not a store path", arg.display()),
+    };
+    Ok(StorePath::from_base(&first)?)
+}
+
+pub fn state_dir_file(cfg: &Config, name: &str) -> PathBuf {
+    cfg.state_dir.join(name)
+}

@@ -1,0 +1,262 @@
+//! One resolved configuration: the config file, then the environment, then flags, each
+//! overriding the one before. The embedded defaults live here too: with nothing configured,
+//! narpost pushes to `file://<state-dir>/cache` and signs with `<state-dir>/signing.sec`,
+//! generated on first use.
+//!
+//! The config file is TOML with these keys (all optional):
+//!
+//! ```toml
+//! cache = "https://cache.example.org"   # file:///dir, http(s)://, s3://bucket?..., attic+http(s)://host/cache
+//! secret-key-file = "/etc/narpost/cache.example.org-1.sec"
+//! jobs = 4
+//! compression-level = 3
+//! token-file = "/etc/narpost/token"        # bearer token for HTTP caches and Attic
+//! basic-auth-file = "/etc/narpost/basic"   # `user:password`, for HTTP caches behind basic auth
+//! gc-roots-dir = "/nix/var/nix/gcroots/narpost"
+//! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
+//! ```
+//!
+//! Secrets are only ever read from files or the environment, never from the command line,
+//! where every user on the machine could read them in `ps`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/narpost";
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/narpost/narpost.toml";
+pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/narpost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config file: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{var}: invalid value {value:?}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{path}: cannot read secret: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: expected `user:password` on one line")]
+    BasicAuth { path: PathBuf },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    cache: Option<String>,
+    secret_key_file: Option<PathBuf>,
+    jobs: Option<usize>,
+    compression_level: Option<i32>,
+    token_file: Option<PathBuf>,
+    basic_auth_file: Option<PathBuf>,
+    gc_roots_dir: Option<PathBuf>,
+    drain_timeout: Option<u64>,
+}
+
+/// What the command line says; `None` leaves the decision to the environment and file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub cache: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub jobs: Option<usize>,
+    pub token_file: Option<PathBuf>,
+    pub drain_timeout: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// Cache URL as the user wrote it.
+    pub cache: String,
+    /// True when no cache was configured and the embedded `file://` default is used.
+    pub cache_is_default: bool,
+    /// `None`: the embedded default key in the state directory.
+    pub key_file: Option<PathBuf>,
+    pub jobs: usize,
+    pub compression_level: i32,
+    pub token_file: Option<PathBuf>,
+    pub basic_auth_file: Option<PathBuf>,
+    pub gc_roots_dir: PathBuf,
+    pub drain_timeout: Duration,
+    /// The file the settings came from, if any (for `status`).
+    pub config_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// `config_file`: the `--config` flag or `NARPOST_CONFIG`; when absent, the system-wide
+    /// file is read if it exists.
+    pub fn load(
+        config_file: Option<&Path>,
+        state_dir: Option<PathBuf>,
+        flags: Overrides,
+    ) -> Result<Config, ConfigError> {
+        let (file, config_file) = match config_file {
+            Some(p) => (read_file(p)?, Some(p.to_path_buf())),
+            None => {
+                let p = Path::new(DEFAULT_CONFIG_FILE);
+                if p.exists() {
+                    (read_file(p)?, Some(p.to_path_buf()))
+                } else {
+                    (FileConfig::default(), None)
+                }
+            }
+        };
+        let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+
+        let cache = flags.cache.or_else(|| env("NARPOST_CACHE")).or(file.cache);
+        let cache_is_default = cache.is_none();
+        let cache =
+            cache.unwrap_or_else(|| format!("file://{}", state_dir.join("cache").display()));
+        let key_file = flags
+            .key_file
+            .or_else(|| env("NARPOST_KEY_FILE").map(PathBuf::from))
+            .or(file.secret_key_file);
+        let jobs = match flags.jobs {
+            Some(j) => j,
+            None => match env("NARPOST_JOBS") {
+                Some(v) => v.parse().map_err(|_| ConfigError::Env {
+                    var: "NARPOST_JOBS",
+                    value: v.clone(),
+                    reason: "expected a whole number".into(),
+                })?,
+                None => file.jobs.unwrap_or_else(default_jobs),
+            },
+        }
+        .max(1);
+        let token_file = flags
+            .token_file
+            .or_else(|| env("NARPOST_TOKEN_FILE").map(PathBuf::from))
+            .or(file.token_file);
+        Ok(Config {
+            cache,
+            cache_is_default,
+            key_file,
+            jobs,
+            compression_level: file.compression_level.unwrap_or(3).clamp(1, 19),
+            token_file,
+            basic_auth_file: env("NARPOST_BASIC_AUTH_FILE")
+                .map(PathBuf::from)
+                .or(file.basic_auth_file),
+            gc_roots_dir: env("NARPOST_GC_ROOTS_DIR")
+                .map(PathBuf::from)
+                .or(file.gc_roots_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_GC_ROOTS_DIR)),
+            drain_timeout: Duration::from_secs(
+                flags.drain_timeout.or(file.drain_timeout).unwrap_or(30),
+            ),
+            state_dir,
+            config_file,
+        })
+    }
+
+    /// The bearer token: `NARPOST_TOKEN` itself, or the first line of the token file.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if let Ok(t) = std::env::var("NARPOST_TOKEN") {
+            if !t.trim().is_empty() {
+                return Ok(Some(t.trim().to_string()));
+            }
+        }
+        match &self.token_file {
+            Some(p) => Ok(Some(read_secret(p)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn basic_auth(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let Some(p) = &self.basic_auth_file else {
+            return Ok(None);
+        };
+        let s = read_secret(p)?;
+        let (user, password) = s
+            .split_once(':')
+            .ok_or_else(|| ConfigError::BasicAuth { path: p.clone() })?;
+        Ok(Some((user.to_string(), password.to_string())))
+    }
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Secret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(s.lines().next().unwrap_or("").trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_apply_and_flags_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("narpost.toml");
+        std::fs::write(
+            &cfg,
+            "cache = \"http://cache.invalid\"\njobs = 7\ncompression-level = 5\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&cfg), Some(dir.path().into()), Overrides::default()).unwrap();
+        assert_eq!(c.jobs, 7);
+        assert_eq!(c.compression_level, 5);
+        assert!(!c.cache_is_default);
+        let c = Config::load(
+            Some(&cfg),
+            Some(dir.path().into()),
+            Overrides {
+                cache: Some("file:///x".into()),
+                jobs: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.cache, "file:///x");
+        assert_eq!(c.jobs, 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("narpost.toml");
+        std::fs::write(&cfg, "cahce = \"x\"\n").unwrap();
+        let err = Config::load(Some(&cfg), None, Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("narpost.toml") && msg.contains("cahce"), "{msg}");
+    }
+
+    #[test]
+    fn missing_explicit_config_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/narpost.toml")), None, Overrides::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/narpost.toml"));
+    }
+}

@@ -1,0 +1,36 @@
+//! narpost: gets every Nix store path a machine builds into a binary cache.
+//!
+//! # Layout
+//!
+//! - [`format`]: pure Nix formats (nixbase32, store paths, hashes, NAR writer, narinfo,
+//!   signing keys, `.drv` outputs); no filesystem, network or async.
+//! - [`dump`]: serializes a store path on disk into a NAR through [`format::nar`].
+//! - [`store`]: path metadata and closures from the local Nix store's database.
+//! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3 and Attic implementations.
+//! - [`pipeline`]: the one upload pipeline: plan (closure, missing, order), then execute.
+//! - [`config`]: file < environment < flags, resolved into one [`config::Config`]; embedded defaults.
+//! - [`keys`]: loading the signing key, generating the embedded default key.
+//! - [`queue`]: the durable on-disk queue of paths waiting for upload.
+//! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
+//! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
+//! - [`watch`]: notices store paths that become valid.
+//! - [`status`]: what `narpost status` reports.
+//! - [`progress`]: turns pipeline events into progress bars or plain lines.
+//! - [`cli`]: the command line; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dump;
+pub mod error;
+pub mod format;
+pub mod hook;
+pub mod keys;
+pub mod pipeline;
+pub mod progress;
+pub mod queue;
+pub mod status;
+pub mod store;
+pub mod target;
+pub mod watch;

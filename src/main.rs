@@ -1,0 +1,172 @@
+//! `narpost`: parses the command line and hands off to the library. The hook runs before any
+//! async runtime exists, so a build never waits for one to start.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use narpost::cli::{Cli, Command};
+use narpost::config::{Config, Overrides};
+use narpost::pipeline::RetryPolicy;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Hook = cli.command {
+        // Whatever happens, the build goes on: the hook reports and exits 0.
+        narpost::hook::main(cli.config.as_deref(), &cli.state_dir);
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("narpost: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "narpost=info",
+        1 => "narpost=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NARPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Hook => Ok(ExitCode::SUCCESS),
+        Command::Keygen { name, out } => {
+            let (sec, public_file, public) = narpost::keys::keygen(&name, &out)?;
+            eprintln!(
+                "wrote {} (secret, mode 0600) and {}",
+                sec.display(),
+                public_file.display()
+            );
+            println!("{}", public.to_nix_string());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Push {
+            target,
+            no_closure,
+            paths,
+        } => {
+            let cfg = Config::load(
+                cli.config.as_deref(),
+                Some(cli.state_dir.clone()),
+                target.overrides(None),
+            )?;
+            let roots = paths
+                .iter()
+                .map(|p| narpost::app::resolve_store_path(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            runtime()?.block_on(push(cfg, roots, !no_closure))
+        }
+        Command::Daemon {
+            target,
+            drain_timeout,
+        } => {
+            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            runtime()?.block_on(narpost::daemon::run_daemon(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WatchStore {
+            target,
+            all,
+            include_drv,
+            drain_timeout,
+        } => {
+            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            let opts = narpost::watch::WatchOptions { all, include_drv };
+            runtime()?.block_on(narpost::watch::watch_store(cfg, opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WatchExec {
+            target,
+            include_drv,
+            drain_timeout,
+            command,
+        } => {
+            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            let opts = narpost::watch::WatchOptions {
+                all: false,
+                include_drv,
+            };
+            let code = runtime()?.block_on(narpost::watch::watch_exec(cfg, opts, command))?;
+            Ok(ExitCode::from(code))
+        }
+        Command::Status { json } => {
+            let cfg = load(&cli, Overrides::default())?;
+            narpost::status::print(&cfg, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(cli: &Cli, o: Overrides) -> anyhow::Result<Config> {
+    Ok(Config::load(
+        cli.config.as_deref(),
+        Some(cli.state_dir.clone()),
+        o,
+    )?)
+}
+
+async fn push(
+    cfg: Config,
+    roots: Vec<narpost::format::store_path::StorePath>,
+    closure: bool,
+) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pipeline = narpost::app::pipeline(&cfg, RetryPolicy::default())?.with_events(tx);
+    let printer = tokio::spawn(narpost::progress::render(rx));
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("narpost: interrupted; finishing uploads already under way");
+                cancel.cancel();
+            }
+        })
+    };
+    let pipeline = Arc::new(pipeline);
+    let result = pipeline.push(&roots, closure, &cancel).await;
+    ctrl_c.abort();
+    drop(pipeline);
+    let _ = printer.await;
+    let report = result.map_err(|e| match e {
+        narpost::pipeline::PipelineError::Target(t) => narpost::error::from_target(t),
+        other => anyhow::Error::new(other),
+    })?;
+    eprint!("{}", narpost::progress::summary(&report));
+    let missing: Vec<_> = report
+        .requested
+        .iter()
+        .filter(|p| !report.is_done(p))
+        .collect();
+    if missing.is_empty() && report.complete() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}

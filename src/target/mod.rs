@@ -1,0 +1,195 @@
+//! Where NARs and narinfos go.
+//!
+//! A target knows three things: which paths the cache is missing, how to store a NAR,
+//! and how to store a narinfo. Everything else (closure, order, hashing, compression,
+//! signing, retries) is the pipeline's, so every target gets it the same way.
+//!
+//! What differs between caches is what a target *receives*, and each target declares it
+//! through [`Target::nar_format`]: plain binary caches (`file://`, HTTP, S3) want a zstd
+//! file that the pipeline spools to disk and hashes before anything leaves the machine;
+//! Attic wants the raw NAR streamed, and compresses and signs on its side. The narinfo is
+//! always the commit point: [`Target::put_narinfo`] is called only after the NAR is stored
+//! and after every reference's narinfo exists. For Attic the commit is the `upload-path`
+//! request itself, so its `put_nar` stores nothing.
+
+pub mod attic;
+pub mod file;
+pub mod http;
+pub mod s3;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::format::hash::Sha256;
+use crate::format::narinfo::NarInfo;
+use crate::format::store_path::StorePath;
+use crate::store::PathInfo;
+
+/// What a target wants the pipeline to hand it for each path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NarFormat {
+    /// A zstd-compressed NAR spooled to a file, hashed, named by its FileHash.
+    Zstd { level: i32 },
+    /// The uncompressed NAR, streamed from the store on demand.
+    Raw,
+}
+
+/// One path, ready to be stored: its NAR hash was checked against the store's record.
+pub struct PreparedNar {
+    pub info: PathInfo,
+    pub body: NarBody,
+}
+
+pub enum NarBody {
+    /// A compressed NAR on disk. The pipeline deletes `file` after the upload if it still exists,
+    /// so a target may rename it away instead of copying it.
+    Spooled(SpooledNar),
+    /// The raw NAR, serialized again from the store each time it is opened (so retries work).
+    Raw(crate::dump::NarSource),
+}
+
+pub struct SpooledNar {
+    pub file: PathBuf,
+    /// `zstd`
+    pub compression: &'static str,
+    /// sha256 of the compressed bytes; the NAR's file name is its nixbase32 form.
+    pub file_hash: Sha256,
+    pub file_size: u64,
+}
+
+impl SpooledNar {
+    /// `nar/<filehash>.nar.zst`, the name Nix itself gives a compressed NAR.
+    pub fn cache_key(&self) -> String {
+        let ext = match self.compression {
+            "zstd" => "zst",
+            "xz" => "xz",
+            "bzip2" => "bz2",
+            other => other,
+        };
+        format!(
+            "nar/{}.nar.{ext}",
+            crate::format::nixbase32::encode(self.file_hash.as_bytes())
+        )
+    }
+}
+
+/// Why a target operation failed, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TargetError {
+    pub kind: ErrorKind,
+    /// One line: what failed, naming the cache or object.
+    pub message: String,
+    /// What the user can do about it, if there is something.
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Connection refused or reset, timeout, 5xx, throttling: retry with backoff.
+    Transient,
+    /// Bad credentials or permissions: retrying will not help until the user acts.
+    Auth,
+    /// Anything else the cache refused or answered wrongly (4xx, garbage): do not retry.
+    Permanent,
+}
+
+impl TargetError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    pub fn auth(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Auth,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+#[async_trait]
+pub trait Target: Send + Sync {
+    /// The cache as the user named it, with any secret left out (for messages and status).
+    fn url(&self) -> String;
+
+    fn nar_format(&self) -> NarFormat;
+
+    /// Where compressed NARs should be spooled so that storing one is a rename on the same
+    /// filesystem. `None`: the pipeline's own spool directory.
+    fn spool_dir(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// Called once before anything else: check the cache is reachable and usable, and write
+    /// `nix-cache-info` where the cache has none.
+    async fn open(&self) -> Result<(), TargetError>;
+
+    /// Which of `paths` the cache does not have (by narinfo). Targets batch or bound their
+    /// requests themselves; the pipeline hands over the whole plan at once.
+    async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError>;
+
+    /// Store the NAR; returns the narinfo `URL` it can be fetched from, relative to the cache.
+    async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError>;
+
+    /// Store the narinfo: the commit point after which substituters see the path.
+    async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
+}
+
+pub type DynTarget = Arc<dyn Target>;
+
+/// Builds the target a cache URL names:
+/// `file:///dir` (or a bare absolute path), `http(s)://...`, `s3://bucket[/prefix]?...`,
+/// `attic+http(s)://host[:port]/<cache>`.
+pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError> {
+    let url = cfg.cache.as_str();
+    let level = cfg.compression_level;
+    let config_err = |e: crate::config::ConfigError| TargetError::permanent(e.to_string());
+    if let Some(dir) = url.strip_prefix("file://") {
+        return Ok(Arc::new(file::FileTarget::new(PathBuf::from(dir), level)));
+    }
+    if url.starts_with('/') {
+        return Ok(Arc::new(file::FileTarget::new(PathBuf::from(url), level)));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let auth = match (cfg.token().map_err(config_err)?, cfg.basic_auth().map_err(config_err)?) {
+            (Some(token), _) => http::HttpAuth::Bearer(token),
+            (None, Some((user, password))) => http::HttpAuth::Basic { user, password },
+            (None, None) => http::HttpAuth::None,
+        };
+        return Ok(Arc::new(http::HttpTarget::new(url.to_string(), auth, level)?));
+    }
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(s3::S3Target::from_url(url, level)?));
+    }
+    if url.starts_with("attic+http://") || url.starts_with("attic+https://") {
+        let token = cfg.token().map_err(config_err)?;
+        return Ok(Arc::new(attic::AtticTarget::new(url, token)?));
+    }
+    Err(TargetError::permanent(format!(
+        "{url}: unsupported cache URL"
+    ))
+    .with_hint(
+        "use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., or attic+http(s)://host/cache",
+    ))
+}
