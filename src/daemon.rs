@@ -186,7 +186,20 @@ impl Drainer {
         let store = self.pipeline.store().clone();
         // Read the queue and check validity off the async threads: both touch the disk.
         let (entries, invalid) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let entries = queue.entries()?;
+            let mut entries = Vec::new();
+            for item in queue.list()? {
+                match item {
+                    crate::queue::EntryOrCorrupt::Valid(e) => entries.push(e),
+                    crate::queue::EntryOrCorrupt::Corrupt { file, reason, quarantined_to } => {
+                        tracing::error!(
+                            "queue entry {file}: {reason}; set aside in {}",
+                            quarantined_to
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_else(|| "place (could not move it)".into())
+                        );
+                    }
+                }
+            }
             let mut invalid = Vec::new();
             let mut good = Vec::new();
             for e in entries {
@@ -213,9 +226,7 @@ impl Drainer {
             );
             tracing::warn!("{reason}");
             self.queue.fail(&entry.id, &reason)?;
-            for p in &entry.paths {
-                self.roots.release(p);
-            }
+            self.release(&entry.paths);
         }
         if entries.is_empty() {
             return Ok(false);
@@ -253,30 +264,14 @@ impl Drainer {
         let failures: HashMap<&StorePath, &crate::pipeline::PathFailure> =
             report.failed.iter().map(|f| (&f.path, f)).collect();
         // Closure membership decides an entry's fate: a failing dependency blocks it too.
-        let closure_of = |root: &StorePath| -> Vec<&StorePath> {
-            let mut out = vec![root];
-            let index: HashMap<&StorePath, &crate::store::PathInfo> =
-                plan.paths.iter().map(|i| (&i.path, i)).collect();
-            let mut i = 0;
-            let mut seen: BTreeSet<&StorePath> = BTreeSet::from([root]);
-            while i < out.len() {
-                if let Some(info) = index.get(out[i]) {
-                    for r in &info.references {
-                        if seen.insert(r) {
-                            out.push(r);
-                        }
-                    }
-                }
-                i += 1;
-            }
-            out
-        };
+        let index: HashMap<&StorePath, &crate::store::PathInfo> =
+            plan.paths.iter().map(|i| (&i.path, i)).collect();
         let mut transient = false;
         for entry in &entries {
             let mut permanent: Option<String> = None;
             let mut pending = false;
             for p in &entry.paths {
-                for q in closure_of(p) {
+                for q in closure_of(&index, p) {
                     if let Some(f) = failures.get(q) {
                         if f.kind.is_permanent() {
                             permanent.get_or_insert_with(|| f.message.clone());
@@ -291,16 +286,12 @@ impl Drainer {
             if let Some(reason) = permanent {
                 tracing::error!("{reason}");
                 self.queue.fail(&entry.id, &reason)?;
-                for p in &entry.paths {
-                    self.roots.release(p);
-                }
+                self.release(&entry.paths);
             } else if pending {
                 transient = true;
             } else {
                 self.queue.ack(&entry.id)?;
-                for p in &entry.paths {
-                    self.roots.release(p);
-                }
+                self.release(&entry.paths);
             }
         }
         if let Some(f) = report.failed.iter().find(|f| !f.kind.is_permanent()) {
@@ -311,6 +302,13 @@ impl Drainer {
         }
         self.write_state();
         Ok(transient && !cancel.is_cancelled())
+    }
+
+    fn release(&self, paths: &[StorePath]) {
+        for p in paths {
+            // Releasing is best effort and reports its own problems.
+            let _ = self.roots.release(p);
+        }
     }
 
     fn cache_down(&mut self, msg: &str) {
@@ -403,6 +401,27 @@ impl Drainer {
     }
 }
 
+/// `root` and everything it refers to, directly or not, within the plan.
+fn closure_of<'a>(
+    index: &HashMap<&'a StorePath, &'a crate::store::PathInfo>,
+    root: &'a StorePath,
+) -> Vec<&'a StorePath> {
+    let mut out = vec![root];
+    let mut seen: BTreeSet<&StorePath> = BTreeSet::from([root]);
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(info) = index.get(out[i]) {
+            for r in &info.references {
+                if seen.insert(r) {
+                    out.push(r);
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
 /// Sends a wake-up whenever something changes in `dir` (new queue entries).
 pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     use notify::Watcher;
@@ -436,7 +455,7 @@ pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
 pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
     let _lock = DrainLock::acquire(&cfg.state_dir)?;
     let mut drainer = Drainer::new(&cfg)?;
-    let (_watcher, wake) = watch_dir(&drainer.queue().queue_dir())?;
+    let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;
     tracing::info!(

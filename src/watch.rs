@@ -81,9 +81,10 @@ impl Finder {
     }
 
     fn enqueue(&mut self, paths: Vec<StorePath>) -> anyhow::Result<usize> {
+        let include_drv = self.include_drv;
         let new: Vec<StorePath> = paths
             .into_iter()
-            .filter(|p| self.wanted(p))
+            .filter(|p| include_drv || !p.is_derivation())
             .filter(|p| self.seen.insert(p.clone()))
             .collect();
         if new.is_empty() {
@@ -218,7 +219,7 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
     let (_lock, mut drainer, finder) = setup(&cfg, opts).await?;
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;
-    let (_qwatch, wake) = watch_dir(&drainer.queue().queue_dir())?;
+    let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
     let finding = tokio::spawn(find_loop(finder, stop.clone()));
     eprintln!("narpost: watching {STORE_DIR}; pushing new paths to {}", cfg.cache);
     let totals = drainer.run(stop.clone(), wake, false).await?;
@@ -242,7 +243,7 @@ pub async fn watch_exec(cfg: Config, opts: WatchOptions, command: Vec<String>) -
         .context("watch-exec needs a command after --")?;
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
-    let (_qwatch, wake) = watch_dir(&drainer.queue().queue_dir())?;
+    let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
 
     // Upload while the command runs, so a build that fails late still leaves its finished
     // dependencies cached.

@@ -1,4 +1,527 @@
-//! The Attic target (skeleton; being written).
+//! The Attic target: pushes to a cache on an Attic server through its HTTP API.
+//!
+//! # URL
+//!
+//! `attic+http://host:port/<cache>` or `attic+https://host/<prefix>/<cache>`: the server's API
+//! endpoint is everything before the last path segment, the cache name is the last segment.
+//! So `attic+https://cache.example.org/main` talks to `https://cache.example.org/` about
+//! cache `main`, the cache Attic's own client calls `server:main`. The token is given
+//! separately (never inside the URL, which shows up in messages and process lists) and is
+//! sent as `Authorization: bearer <token>`.
+//!
+//! # What differs from a plain binary cache
+//!
+//! Attic compresses, chunks and signs on the server, so this target asks the pipeline for
+//! the raw NAR ([`NarFormat::Raw`]) and never writes a narinfo. `put_nar` stores nothing;
+//! `put_narinfo` is the single `PUT /_api/v1/upload-path` request that carries the path's
+//! metadata and streams its NAR, which is the commit point on the server as a narinfo is
+//! elsewhere. The signatures narpost made go along in `sigs`, so the cache serves them next
+//! to its own. The metadata rides in the `X-Attic-Nar-Info` header when its JSON is under
+//! 4 KiB, else in front of the body with `X-Attic-Nar-Info-Preamble-Size` (a path with many
+//! references would otherwise exceed common header size limits).
+//!
+//! `open` reads the cache's configuration: its `api_endpoint`, if any, is used from then on,
+//! and paths signed by one of its `upstream_cache_key_names` (e.g. `cache.nixos.org-1`) are
+//! reported present, since the server treats them as available upstream.
+//!
+//! # Errors
+//!
+//! Attic answers errors as JSON `{"code", "error", "message"}`. 401 (bad or expired token)
+//! and 403 (no push permission) are [`Auth`](super::ErrorKind::Auth), a missing cache and
+//! other 4xx are [`Permanent`](super::ErrorKind::Permanent), 5xx and connection failures are
+//! [`Transient`](super::ErrorKind::Transient). When
+//! the upload fails because the NAR could not be produced locally (for instance the store
+//! path no longer matches its recorded hash), the error says so and is permanent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, HeaderValue};
+use reqwest::{Client, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+
+use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::narinfo::NarInfo;
+use crate::format::nixbase32;
+use crate::format::store_path::StorePath;
+use crate::store::PathInfo;
+
+/// At this size the metadata moves from the header into the body, as Attic's client does.
+pub const PREAMBLE_THRESHOLD: usize = 4 * 1024;
+/// Store path hashes per `get-missing-paths` request, to keep each request body modest.
+const MISSING_BATCH: usize = 1_000;
+/// Timeout for the small API calls; uploads have none, since a large NAR takes what it takes.
+const API_TIMEOUT: Duration = Duration::from_secs(60);
+
+const NAR_INFO_HEADER: &str = "X-Attic-Nar-Info";
+const PREAMBLE_SIZE_HEADER: &str = "X-Attic-Nar-Info-Preamble-Size";
 
 /// A cache on an Attic server.
-pub struct AtticTarget {}
+pub struct AtticTarget {
+    /// Carries the bearer token in its default headers (marked sensitive).
+    client: Client,
+    /// The API endpoint as given in the URL, ending in `/`.
+    server: Url,
+    cache: String,
+    /// The URL as given, for messages (it never contains the token).
+    url: String,
+    /// Filled by `open`.
+    config: OnceLock<OpenedCache>,
+}
+
+struct OpenedCache {
+    /// Where API calls go: the server's `api_endpoint` if it named one.
+    api: Url,
+    upstream_key_names: Vec<String>,
+}
+
+/// The metadata of one upload, with Attic's field names and types.
+#[derive(Debug, Serialize)]
+struct UploadPathNarInfo<'a> {
+    cache: &'a str,
+    store_path_hash: &'a str,
+    store_path: String,
+    /// Base names (`<hash>-<name>`), not full paths.
+    references: Vec<&'a str>,
+    system: Option<&'a str>,
+    deriver: Option<&'a str>,
+    sigs: &'a [String],
+    ca: Option<&'a str>,
+    /// `sha256:<64 hex digits>`.
+    nar_hash: String,
+    nar_size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct CacheConfig {
+    api_endpoint: Option<String>,
+    upstream_cache_key_names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+struct MissingPathsRequest<'a> {
+    cache: &'a str,
+    store_path_hashes: Vec<&'a str>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MissingPathsResponse {
+    missing_paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadPathResult {
+    kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    error: String,
+    message: String,
+}
+
+impl AtticTarget {
+    /// `url` is `attic+http(s)://host[:port][/prefix]/<cache>`; `token` is the Attic token
+    /// (`None` for a server that lets anyone push, which is rare).
+    pub fn new(url: &str, token: Option<String>) -> Result<Self, TargetError> {
+        let (server, cache) = parse_url(url)?;
+        let mut headers = HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(&format!("bearer {}", token.trim()))
+                .map_err(|_| {
+                    TargetError::auth(format!(
+                        "{url}: the Attic token contains characters that cannot go in an HTTP header"
+                    ))
+                    .with_hint("check the token file for stray bytes; a token is one line of base64")
+                })?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let client = Client::builder()
+            .user_agent(concat!("narpost/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|e| {
+                TargetError::permanent(format!("{url}: cannot set up the HTTP client: {e}"))
+            })?;
+        Ok(Self {
+            client,
+            server,
+            cache,
+            url: url.to_string(),
+            config: OnceLock::new(),
+        })
+    }
+
+    fn api(&self) -> &Url {
+        self.config.get().map_or(&self.server, |c| &c.api)
+    }
+
+    fn endpoint(&self, path: &str) -> Result<Url, TargetError> {
+        self.api().join(path).map_err(|e| {
+            TargetError::permanent(format!("{}: cannot form the URL for {path}: {e}", self.url))
+        })
+    }
+
+    fn server_name(&self) -> String {
+        self.api().as_str().trim_end_matches('/').to_string()
+    }
+
+    /// A request that never got an answer: the server is down, unreachable or timed out.
+    fn request_error(&self, err: &reqwest::Error, action: &str) -> TargetError {
+        let server = self.server_name();
+        let detail = root_cause(err);
+        if err.is_decode() {
+            return TargetError::permanent(format!(
+                "{server}: unreadable answer while {action}: {detail}"
+            ));
+        }
+        TargetError::transient(format!("{server}: cannot reach the server while {action}: {detail}"))
+            .with_hint(format!("check that the Attic server at {server} is up"))
+    }
+
+    /// Turns an error answer into a message naming the server or cache and what to do.
+    async fn answer_error(&self, response: reqwest::Response, action: &str) -> TargetError {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let (name, message) = match serde_json::from_str::<ApiError>(&body) {
+            Ok(api) => (api.error, api.message),
+            Err(_) => (String::new(), first_line(&body)),
+        };
+        let server = self.server_name();
+        let cache = &self.cache;
+        let said = match (name.is_empty(), message.is_empty()) {
+            (false, false) => format!("{name}: {message}"),
+            (false, true) => name.clone(),
+            (true, false) => message.clone(),
+            (true, true) => status.to_string(),
+        };
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                TargetError::auth(format!("bad or expired token for {server}")).with_hint(
+                    "get a new token from the server's admin (atticadm make-token) with push \
+                     permission on the cache, and configure narpost with it",
+                )
+            }
+            StatusCode::FORBIDDEN => TargetError::auth(format!(
+                "token has no push permission on cache {cache} ({server})"
+            ))
+            .with_hint(format!(
+                "ask for a token with push permission on {cache} (atticadm make-token --push {cache})"
+            )),
+            StatusCode::NOT_FOUND if name == "NoSuchCache" => {
+                TargetError::permanent(format!("no such cache {cache} on {server}"))
+                    .with_hint(format!("create it with `attic cache create {cache}`, or fix the cache name"))
+            }
+            StatusCode::NOT_FOUND => TargetError::permanent(format!(
+                "{server}: no Attic API there ({said}) while {action}"
+            ))
+            .with_hint("check the server address in the attic+http(s):// URL"),
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                TargetError::transient(format!(
+                    "{server}: server answered {} while {action}: {said}",
+                    s.as_u16()
+                ))
+            }
+            s => TargetError::permanent(format!(
+                "{server}: cache {cache} refused {action} (HTTP {}): {said}",
+                s.as_u16()
+            )),
+        }
+    }
+
+    async fn missing_batch(
+        &self,
+        hashes: Vec<&str>,
+    ) -> Result<Vec<String>, TargetError> {
+        let action = "asking which paths are missing";
+        let request = MissingPathsRequest {
+            cache: &self.cache,
+            store_path_hashes: hashes,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| {
+            TargetError::permanent(format!("{}: cannot encode the request: {e}", self.url))
+        })?;
+        let response = self
+            .client
+            .post(self.endpoint("_api/v1/get-missing-paths")?)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(API_TIMEOUT)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.request_error(&e, action))?;
+        if !response.status().is_success() {
+            return Err(self.answer_error(response, action).await);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.request_error(&e, action))?;
+        let parsed: MissingPathsResponse = serde_json::from_slice(&bytes).map_err(|e| {
+            TargetError::permanent(format!(
+                "{}: unexpected answer to get-missing-paths: {e}",
+                self.server_name()
+            ))
+        })?;
+        Ok(parsed.missing_paths)
+    }
+}
+
+#[async_trait]
+impl Target for AtticTarget {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn nar_format(&self) -> NarFormat {
+        NarFormat::Raw
+    }
+
+    async fn open(&self) -> Result<(), TargetError> {
+        let action = format!("reading the configuration of cache {}", self.cache);
+        let response = self
+            .client
+            .get(self.endpoint(&format!("_api/v1/cache-config/{}", self.cache))?)
+            .timeout(API_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.request_error(&e, &action))?;
+        if !response.status().is_success() {
+            return Err(self.answer_error(response, &action).await);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.request_error(&e, &action))?;
+        let config: CacheConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            TargetError::permanent(format!(
+                "{}: the cache configuration of {} is not what an Attic server sends: {e}",
+                self.server_name(),
+                self.cache
+            ))
+            .with_hint("check that the URL points at an Attic server")
+        })?;
+        let api = match config.api_endpoint.as_deref() {
+            Some(endpoint) => with_trailing_slash(endpoint).map_err(|e| {
+                TargetError::permanent(format!(
+                    "{}: the server names an invalid api_endpoint {endpoint:?}: {e}",
+                    self.server_name()
+                ))
+            })?,
+            None => self.server.clone(),
+        };
+        // A second open (the pipeline calls it once) keeps the first answer.
+        let _ = self.config.set(OpenedCache {
+            api,
+            upstream_key_names: config.upstream_cache_key_names.unwrap_or_default(),
+        });
+        Ok(())
+    }
+
+    async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
+        let upstream = self
+            .config
+            .get()
+            .map(|c| c.upstream_key_names.as_slice())
+            .unwrap_or_default();
+        let mut by_hash: HashMap<&str, &StorePath> = HashMap::new();
+        for info in paths {
+            let from_upstream = info.sigs.iter().any(|sig| {
+                sig.split_once(':')
+                    .is_some_and(|(name, _)| upstream.iter().any(|u| u == name))
+            });
+            if !from_upstream {
+                by_hash.insert(info.path.hash_part(), &info.path);
+            }
+        }
+        let hashes: Vec<&str> = by_hash.keys().copied().collect();
+        let mut missing = HashSet::new();
+        for batch in hashes.chunks(MISSING_BATCH) {
+            for hash in self.missing_batch(batch.to_vec()).await? {
+                match by_hash.get(hash.as_str()) {
+                    Some(path) => {
+                        missing.insert((*path).clone());
+                    }
+                    None => tracing::debug!(
+                        "{}: get-missing-paths named {hash}, which was not asked about",
+                        self.url
+                    ),
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError> {
+        // Attic takes the NAR with the metadata in put_narinfo; this is the URL the server
+        // serves it under, so the narinfo the pipeline builds is accurate.
+        Ok(format!(
+            "nar/{}.nar",
+            nixbase32::encode(nar.info.nar_hash.as_bytes())
+        ))
+    }
+
+    async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {
+        let path = &narinfo.store_path;
+        let NarBody::Raw(source) = &nar.body else {
+            return Err(TargetError::permanent(format!(
+                "{}: Attic target was handed a compressed NAR for {path}",
+                self.url
+            )));
+        };
+        let action = format!("uploading {path}");
+        let meta = UploadPathNarInfo {
+            cache: &self.cache,
+            store_path_hash: path.hash_part(),
+            store_path: path.to_absolute(),
+            references: narinfo.references.iter().map(StorePath::base).collect(),
+            system: None,
+            deriver: narinfo.deriver.as_ref().map(StorePath::base),
+            sigs: &narinfo.sigs,
+            ca: narinfo.ca.as_deref(),
+            nar_hash: format!("sha256:{}", narinfo.nar_hash.to_hex()),
+            nar_size: narinfo.nar_size,
+        };
+        let json = serde_json::to_string(&meta).map_err(|e| {
+            TargetError::permanent(format!("{path}: cannot encode the upload metadata: {e}"))
+        })?;
+
+        // The NAR comes from the store as it is read; when producing it fails (a read error,
+        // or the path no longer matching its hash), the request is cut short and the reason
+        // is kept here, so the error names the path rather than a broken connection.
+        let local_failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let recorder = Arc::clone(&local_failure);
+        let nar_stream = source.stream().inspect_err(move |e| {
+            if let Ok(mut slot) = recorder.lock() {
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        });
+
+        let header_value = (json.len() < PREAMBLE_THRESHOLD)
+            .then(|| HeaderValue::from_str(&json).ok())
+            .flatten();
+        let mut request = self
+            .client
+            .put(self.endpoint("_api/v1/upload-path")?)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
+        let body_len = match header_value {
+            Some(value) => {
+                request = request.header(NAR_INFO_HEADER, value);
+                request = request.body(reqwest::Body::wrap_stream(nar_stream));
+                narinfo.nar_size
+            }
+            None => {
+                let preamble = Bytes::from(json);
+                let preamble_len = preamble.len() as u64;
+                let chained =
+                    futures::stream::once(async move { Ok::<_, std::io::Error>(preamble) })
+                        .chain(nar_stream);
+                request = request
+                    .header(PREAMBLE_SIZE_HEADER, preamble_len)
+                    .body(reqwest::Body::wrap_stream(chained));
+                preamble_len + narinfo.nar_size
+            }
+        };
+        // A declared length lets proxies and the server check the body is complete.
+        request = request.header(CONTENT_LENGTH, body_len);
+
+        let sent = request.send().await;
+        let local = local_failure.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(reason) = local {
+            return Err(TargetError::permanent(format!(
+                "{path}: upload to {} abandoned, the NAR could not be produced: {reason}",
+                self.url
+            ))
+            .with_hint(format!(
+                "check the path with `nix-store --verify-path {}`",
+                path.to_absolute()
+            )));
+        }
+        let response = sent.map_err(|e| self.request_error(&e, &action))?;
+        if !response.status().is_success() {
+            return Err(self.answer_error(response, &action).await);
+        }
+        // Attic's own client accepts a success without a JSON body, so this does too.
+        if let Ok(bytes) = response.bytes().await
+            && let Ok(result) = serde_json::from_slice::<UploadPathResult>(&bytes)
+        {
+            tracing::debug!("{}: {path}: {}", self.url, result.kind.as_deref().unwrap_or("?"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `attic+http(s)://host[:port][/prefix]/<cache>` into the server base and the cache.
+fn parse_url(input: &str) -> Result<(Url, String), TargetError> {
+    let bad = |what: &str| {
+        TargetError::permanent(format!("{input}: {what}"))
+            .with_hint("an Attic cache URL looks like attic+https://attic.example.org/<cache>")
+    };
+    let inner = input
+        .strip_prefix("attic+")
+        .ok_or_else(|| bad("not an attic+http:// or attic+https:// URL"))?;
+    let mut url = Url::parse(inner).map_err(|e| bad(&format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme after attic+ must be http or https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "the token does not belong in the URL; give it through the token setting",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("unexpected ?query or #fragment"));
+    }
+    let mut segments: Vec<String> = url
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    let cache = segments
+        .pop()
+        .ok_or_else(|| bad("no cache name after the server address"))?;
+    if !cache
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || cache.starts_with('.')
+    {
+        return Err(bad(&format!("{cache:?} is not a valid Attic cache name")));
+    }
+    let mut base = segments.join("/");
+    if !base.is_empty() {
+        base.push('/');
+    }
+    url.set_path(&format!("/{base}"));
+    Ok((url, cache))
+}
+
+fn with_trailing_slash(endpoint: &str) -> Result<Url, String> {
+    let mut parsed = Url::parse(endpoint).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme {} is not http or https", parsed.scheme()));
+    }
+    if !parsed.path().ends_with('/') {
+        let path = format!("{}/", parsed.path());
+        parsed.set_path(&path);
+    }
+    Ok(parsed)
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    line.chars().take(200).collect()
+}

@@ -36,9 +36,10 @@
 //!
 //! The pipeline owns retrying with backoff, so object_store's own retries are cut down to a
 //! couple of quick attempts: an outage then reaches the pipeline in about a second instead of
-//! minutes. 5xx, `SlowDown` and connection failures are [`ErrorKind::Transient`]; rejected
-//! credentials and denied access are [`ErrorKind::Auth`]; a missing bucket and other 4xx are
-//! [`ErrorKind::Permanent`].
+//! minutes. 5xx, `SlowDown` and connection failures are
+//! [`Transient`](super::ErrorKind::Transient); rejected credentials and denied access are
+//! [`Auth`](super::ErrorKind::Auth); a missing bucket and other 4xx are
+//! [`Permanent`](super::ErrorKind::Permanent).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path as FsPath, PathBuf};
@@ -58,7 +59,7 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{ErrorKind, NarBody, NarFormat, PreparedNar, Target, TargetError};
+use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
@@ -375,6 +376,16 @@ impl S3Target {
         result
     }
 
+    /// `Some(path)` when the cache has no narinfo for it.
+    async fn narinfo_missing(&self, path: StorePath) -> Result<Option<StorePath>, TargetError> {
+        let key = self.key(&format!("{}.narinfo", path.hash_part()));
+        match self.meta.head(&key).await {
+            Ok(_) => Ok(None),
+            Err(object_store::Error::NotFound { .. }) => Ok(Some(path)),
+            Err(e) => Err(self.error(&e, &format!("checking {key}"))),
+        }
+    }
+
     async fn send_parts(
         &self,
         upload: &mut dyn MultipartUpload,
@@ -390,7 +401,7 @@ impl S3Target {
         };
         let part_size = part_size_for(size);
         let mut reader = tokio::fs::File::open(file).await.map_err(local)?;
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight: FuturesUnordered<object_store::UploadPart> = FuturesUnordered::new();
         let mut sent = 0u64;
         while sent < size {
             let len = part_size.min(size - sent);
@@ -468,14 +479,9 @@ impl Target for S3Target {
 
     async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
         let unique: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
-        let checks = unique.into_iter().map(|path| async move {
-            let key = self.key(&format!("{}.narinfo", path.hash_part()));
-            match self.meta.head(&key).await {
-                Ok(_) => Ok(None),
-                Err(object_store::Error::NotFound { .. }) => Ok(Some(path.clone())),
-                Err(e) => Err(self.error(&e, &format!("checking {key}"))),
-            }
-        });
+        let checks = unique
+            .into_iter()
+            .map(|path| self.narinfo_missing(path.clone()));
         let found: Vec<Option<StorePath>> = futures::stream::iter(checks)
             .buffer_unordered(HEAD_CONCURRENCY)
             .try_collect()
@@ -896,6 +902,7 @@ fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::ErrorKind;
     use super::*;
 
     #[test]
