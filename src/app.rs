@@ -66,7 +66,10 @@ pub fn resolve_store_path(arg: &Path) -> anyhow::Result<StorePath> {
     })?;
     let first = match rel.components().next() {
         Some(Component::Normal(c)) => c.to_string_lossy().to_string(),
-        _ => anyhow::bail!("{}: is the store directory itself, not a store path", arg.display()),
+        _ => anyhow::bail!(
+            "{}: is the store directory itself, not a store path",
+            arg.display()
+        ),
     };
     Ok(StorePath::from_base(&first)?)
 }

@@ -250,13 +250,20 @@ mod tests {
         std::fs::write(&cfg, "cahce = \"x\"\n").unwrap();
         let err = Config::load(Some(&cfg), None, Overrides::default()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("narpost.toml") && msg.contains("cahce"), "{msg}");
+        assert!(
+            msg.contains("narpost.toml") && msg.contains("cahce"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn missing_explicit_config_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/narpost.toml")), None, Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            Some(Path::new("/nonexistent/narpost.toml")),
+            None,
+            Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/narpost.toml"));
     }
 }

@@ -80,8 +80,10 @@ impl DrainLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open lock file", path.display()))?;
-        match rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        {
+        match rustix::fs::flock(
+            file.as_fd(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        ) {
             Ok(()) => Ok(DrainLock { _file: file }),
             Err(_) => anyhow::bail!(
                 "{}: another narpost daemon or watcher is already draining this queue\nhint: stop it, or give this one its own --state-dir",
@@ -98,7 +100,10 @@ impl DrainLock {
         else {
             return false;
         };
-        match rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::NonBlockingLockShared) {
+        match rustix::fs::flock(
+            file.as_fd(),
+            rustix::fs::FlockOperation::NonBlockingLockShared,
+        ) {
             Ok(()) => false,
             Err(_) => true,
         }
@@ -190,7 +195,11 @@ impl Drainer {
             for item in queue.list()? {
                 match item {
                     crate::queue::EntryOrCorrupt::Valid(e) => entries.push(e),
-                    crate::queue::EntryOrCorrupt::Corrupt { file, reason, quarantined_to } => {
+                    crate::queue::EntryOrCorrupt::Corrupt {
+                        file,
+                        reason,
+                        quarantined_to,
+                    } => {
                         tracing::error!(
                             "queue entry {file}: {reason}; set aside in {}",
                             quarantined_to

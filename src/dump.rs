@@ -56,9 +56,7 @@ pub enum DumpError {
         #[source]
         source: NarError,
     },
-    #[error(
-        "{path}: is a {kind}; a NAR holds only regular files, directories and symlinks"
-    )]
+    #[error("{path}: is a {kind}; a NAR holds only regular files, directories and symlinks")]
     Unsupported { path: PathBuf, kind: &'static str },
 }
 
@@ -356,8 +354,14 @@ mod tests {
         let mut want = Vec::new();
         {
             let mut d = nar::open(&mut want).unwrap().directory().unwrap();
-            d.entry(b"a").unwrap().file(false, 0, &mut io::empty()).unwrap();
-            d.entry(b"b").unwrap().file(true, 3, &mut &b"bee"[..]).unwrap();
+            d.entry(b"a")
+                .unwrap()
+                .file(false, 0, &mut io::empty())
+                .unwrap();
+            d.entry(b"b")
+                .unwrap()
+                .file(true, 3, &mut &b"bee"[..])
+                .unwrap();
             let mut sub = d.entry(b"d").unwrap().directory().unwrap();
             sub.entry(b"link").unwrap().symlink(b"../a").unwrap();
             sub.close().unwrap();
@@ -378,7 +382,11 @@ mod tests {
     #[test]
     fn missing_path_is_named() {
         let err = dump_path(Path::new("/nonexistent/narpost-x"), Vec::new()).unwrap_err();
-        assert!(err.to_string().starts_with("/nonexistent/narpost-x: cannot stat"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/narpost-x: cannot stat"),
+            "{err}"
+        );
     }
 
     fn source(hash: Sha256, size: u64) -> NarSource {

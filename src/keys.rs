@@ -13,16 +13,22 @@ use crate::format::signing::{PublicKey, SigningKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: signing key file not found\nhint: create one with `narpost keygen NAME` or point --key / NARPOST_KEY_FILE at an existing Nix secret key")]
+    #[error(
+        "{path}: signing key file not found\nhint: create one with `narpost keygen NAME` or point --key / NARPOST_KEY_FILE at an existing Nix secret key"
+    )]
     Missing { path: PathBuf },
     #[error("{path}: cannot read signing key: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: signing key is readable by group or others (mode {mode:o})\nhint: run `chmod 600 {path}`")]
+    #[error(
+        "{path}: signing key is readable by group or others (mode {mode:o})\nhint: run `chmod 600 {path}`"
+    )]
     TooOpen { path: PathBuf, mode: u32 },
-    #[error("{path}: not a Nix secret key ({reason})\nhint: expected one line `NAME:BASE64` as written by `nix-store --generate-binary-cache-key` or `narpost keygen`")]
+    #[error(
+        "{path}: not a Nix secret key ({reason})\nhint: expected one line `NAME:BASE64` as written by `nix-store --generate-binary-cache-key` or `narpost keygen`"
+    )]
     Malformed { path: PathBuf, reason: String },
     #[error("{path}: cannot write key file: {source}")]
     Write {
@@ -31,7 +37,9 @@ pub enum KeyError {
     },
     #[error("{path}: already exists; refusing to overwrite a key")]
     Exists { path: PathBuf },
-    #[error("invalid key name {name:?}: use letters, digits, '.', '-' and '_' (e.g. cache.example.org-1)")]
+    #[error(
+        "invalid key name {name:?}: use letters, digits, '.', '-' and '_' (e.g. cache.example.org-1)"
+    )]
     BadName { name: String },
 }
 

@@ -54,6 +54,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_file = cli.config.clone();
+    let state_dir = cli.state_dir.clone();
+    let load = |o: Overrides| -> anyhow::Result<Config> {
+        Ok(Config::load(
+            config_file.as_deref(),
+            Some(state_dir.clone()),
+            o,
+        )?)
+    };
     match cli.command {
         Command::Hook => Ok(ExitCode::SUCCESS),
         Command::Keygen { name, out } => {
@@ -71,11 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_closure,
             paths,
         } => {
-            let cfg = Config::load(
-                cli.config.as_deref(),
-                Some(cli.state_dir.clone()),
-                target.overrides(None),
-            )?;
+            let cfg = load(target.overrides(None))?;
             let roots = paths
                 .iter()
                 .map(|p| narpost::app::resolve_store_path(p))
@@ -86,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             drain_timeout,
         } => {
-            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            let cfg = load(target.overrides(drain_timeout))?;
             runtime()?.block_on(narpost::daemon::run_daemon(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -96,7 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_drv,
             drain_timeout,
         } => {
-            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            let cfg = load(target.overrides(drain_timeout))?;
             let opts = narpost::watch::WatchOptions { all, include_drv };
             runtime()?.block_on(narpost::watch::watch_store(cfg, opts))?;
             Ok(ExitCode::SUCCESS)
@@ -107,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drain_timeout,
             command,
         } => {
-            let cfg = load(&cli, target.overrides(drain_timeout))?;
+            let cfg = load(target.overrides(drain_timeout))?;
             let opts = narpost::watch::WatchOptions {
                 all: false,
                 include_drv,
@@ -116,19 +121,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
         Command::Status { json } => {
-            let cfg = load(&cli, Overrides::default())?;
+            let cfg = load(Overrides::default())?;
             narpost::status::print(&cfg, json)?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn load(cli: &Cli, o: Overrides) -> anyhow::Result<Config> {
-    Ok(Config::load(
-        cli.config.as_deref(),
-        Some(cli.state_dir.clone()),
-        o,
-    )?)
 }
 
 async fn push(

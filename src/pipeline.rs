@@ -138,7 +138,10 @@ pub enum FailureKind {
 impl FailureKind {
     /// A failure that will not go away by trying again later.
     pub fn is_permanent(self) -> bool {
-        matches!(self, FailureKind::Corrupt | FailureKind::Unreadable | FailureKind::Permanent)
+        matches!(
+            self,
+            FailureKind::Corrupt | FailureKind::Unreadable | FailureKind::Permanent
+        )
     }
 }
 
@@ -298,7 +301,9 @@ impl Pipeline {
         let mut ask = paths.clone();
         ask.extend(context.iter().cloned());
         let absent = self
-            .retry("asking the cache which paths it has", || self.target.missing(&ask))
+            .retry("asking the cache which paths it has", || {
+                self.target.missing(&ask)
+            })
             .await?;
         let known: HashSet<&StorePath> = paths.iter().map(|p| &p.path).collect();
         let (missing, unavailable): (HashSet<_>, HashSet<_>) =
@@ -355,7 +360,13 @@ impl Pipeline {
             let Some(done_tx) = senders.remove(&info.path) else {
                 continue;
             };
-            tasks.push(self.push_one(info.clone(), deps, semaphore.clone(), cancel.clone(), done_tx));
+            tasks.push(self.push_one(
+                info.clone(),
+                deps,
+                semaphore.clone(),
+                cancel.clone(),
+                done_tx,
+            ));
         }
         let results = futures::future::join_all(tasks).await;
 
@@ -461,9 +472,10 @@ impl Pipeline {
         };
         let guard = SpoolGuard(spool_file(&prepared));
         let url = match self
-            .retry(&format!("uploading the NAR of {}", path.to_absolute()), || {
-                self.target.put_nar(&prepared)
-            })
+            .retry(
+                &format!("uploading the NAR of {}", path.to_absolute()),
+                || self.target.put_nar(&prepared),
+            )
             .await
         {
             Ok(u) => u,
@@ -496,9 +508,10 @@ impl Pipeline {
 
         let narinfo = self.narinfo(&prepared, url);
         if let Err(e) = self
-            .retry(&format!("uploading the narinfo of {}", path.to_absolute()), || {
-                self.target.put_narinfo(&narinfo, &prepared)
-            })
+            .retry(
+                &format!("uploading the narinfo of {}", path.to_absolute()),
+                || self.target.put_narinfo(&narinfo, &prepared),
+            )
             .await
         {
             return PathResult::Failed(target_failure(&path, e));
@@ -695,7 +708,9 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
         fail(
             FailureKind::Unreadable,
             format!("{abs}: cannot serialize: {e}"),
-            Some(format!("check the path with `nix-store --verify-path {abs}`")),
+            Some(format!(
+                "check the path with `nix-store --verify-path {abs}`"
+            )),
         )
     })?;
     let (encoder, nar_hash, nar_size) = nar.finish();

@@ -79,7 +79,11 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     println!("state dir:    {}", s.state_dir);
     println!(
         "daemon:       {}",
-        if s.daemon_running { "running" } else { "not running" }
+        if s.daemon_running {
+            "running"
+        } else {
+            "not running"
+        }
     );
     match s.oldest_entry_age_secs {
         Some(age) => println!("queue:        {} entries, oldest {age}s old", s.queue_depth),

@@ -51,7 +51,9 @@ pub struct PathInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: is not a valid path in the Nix store\nhint: build or realise it first (nix-store --realise {path})")]
+    #[error(
+        "{path}: is not a valid path in the Nix store\nhint: build or realise it first (nix-store --realise {path})"
+    )]
     NotValid { path: String },
     #[error(
         "{db}: cannot read the Nix store database ({source}), and `nix path-info` failed too: {fallback}\nhint: run narpost as root or as a user allowed to use the Nix daemon"
@@ -81,7 +83,10 @@ pub struct Store {
 }
 
 enum Source {
-    Db { conn: Mutex<Connection>, db: PathBuf },
+    Db {
+        conn: Mutex<Connection>,
+        db: PathBuf,
+    },
     NixCli,
 }
 
@@ -219,7 +224,9 @@ impl Store {
             )
             .map_err(query_err)?;
         let rows = stmt
-            .query_map([since], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([since], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
             .map_err(query_err)?;
         let mut out = Vec::new();
         for row in rows {
@@ -242,14 +249,18 @@ fn open_db(db: &Path) -> Result<Connection, rusqlite::Error> {
     let uri = format!("file:{}?mode=ro", db.display());
     let conn = Connection::open_with_flags(
         uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     // Nix holds write locks briefly while registering paths; wait rather than fail.
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     // Opening is lazy: touch the schema now so a missing or unreadable database fails here.
-    conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'ValidPaths'", [], |r| {
-        r.get::<_, i64>(0)
-    })
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'ValidPaths'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
     .and_then(|n| {
         if n == 1 {
             Ok(())
@@ -312,7 +323,15 @@ impl<'c> DbQuery<'c> {
     }
 
     fn info(&mut self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
-        type Row = (i64, String, i64, Option<String>, Option<i64>, Option<String>, Option<String>);
+        type Row = (
+            i64,
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
         let abs = path.to_absolute();
         let row: Option<Row> = self
             .by_path
@@ -359,7 +378,8 @@ impl<'c> DbQuery<'c> {
             .collect::<Result<_, _>>()
             .map_err(query_err)?;
         for r in ref_rows {
-            let p = StorePath::from_absolute(&r).map_err(|_| self.bad_row(path, "reference", &r))?;
+            let p =
+                StorePath::from_absolute(&r).map_err(|_| self.bad_row(path, "reference", &r))?;
             references.insert(p);
         }
         Ok(Some(PathInfo {
@@ -425,7 +445,12 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
 
 fn nix_cli_probe() -> Result<(), String> {
     let out = Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command", "store", "ping"])
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "store",
+            "ping",
+        ])
         .output()
         .map_err(|e| format!("cannot run nix: {e}"))?;
     if out.status.success() {
@@ -454,7 +479,12 @@ struct CliPathInfo {
 
 fn nix_path_info(paths: &[StorePath], recursive: bool) -> Result<Vec<PathInfo>, StoreError> {
     let mut cmd = Command::new("nix");
-    cmd.args(["--extra-experimental-features", "nix-command", "path-info", "--json"]);
+    cmd.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "path-info",
+        "--json",
+    ]);
     if recursive {
         cmd.arg("--recursive");
     }
@@ -487,7 +517,8 @@ fn nix_path_info(paths: &[StorePath], recursive: bool) -> Result<Vec<PathInfo>, 
             .ok_or_else(|| bad("narHash", &row.path))?;
         let mut references = BTreeSet::new();
         for r in &row.references {
-            references.insert(StorePath::from_absolute(r).map_err(|_| bad("reference", &row.path))?);
+            references
+                .insert(StorePath::from_absolute(r).map_err(|_| bad("reference", &row.path))?);
         }
         infos.push(PathInfo {
             path,

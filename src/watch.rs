@@ -131,10 +131,7 @@ impl Finder {
 
 /// Watches the store and feeds the queue until `stop` fires; a last rescan runs then, so
 /// whatever a finished command built is queued before the caller drains.
-async fn find_loop(
-    finder: Arc<Mutex<Finder>>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Option<String>>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
@@ -221,7 +218,10 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
     spawn_signal_handler(stop.clone())?;
     let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
     let finding = tokio::spawn(find_loop(finder, stop.clone()));
-    eprintln!("narpost: watching {STORE_DIR}; pushing new paths to {}", cfg.cache);
+    eprintln!(
+        "narpost: watching {STORE_DIR}; pushing new paths to {}",
+        cfg.cache
+    );
     let totals = drainer.run(stop.clone(), wake, false).await?;
     stop.cancel();
     finding.await.context("watcher task failed")??;
@@ -236,7 +236,11 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
 
 /// Runs `command`, pushes what it built, and returns its exit code (128 + signal when it
 /// was killed), whatever happened to the uploads.
-pub async fn watch_exec(cfg: Config, opts: WatchOptions, command: Vec<String>) -> anyhow::Result<u8> {
+pub async fn watch_exec(
+    cfg: Config,
+    opts: WatchOptions,
+    command: Vec<String>,
+) -> anyhow::Result<u8> {
     let (_lock, mut drainer, finder) = setup(&cfg, opts).await?;
     let (program, args) = command
         .split_first()

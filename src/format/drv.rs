@@ -177,9 +177,21 @@ mod tests {
             ("empty", "", "does not start with"),
             ("no_outputs", "Derive([],[])", "lists no outputs"),
             ("truncated", r#"Derive([("out","/nix/sto"#, "end of file"),
-            ("ca_floating", r#"Derive([("out","","r:sha256","")],[])"#, "has no path"),
-            ("bad_path", r#"Derive([("out","/tmp/x","","")],[])"#, "\"out\""),
-            ("missing_comma", r#"Derive([("out" "/nix/store/x","","")],[])"#, "byte 14"),
+            (
+                "ca_floating",
+                r#"Derive([("out","","r:sha256","")],[])"#,
+                "has no path",
+            ),
+            (
+                "bad_path",
+                r#"Derive([("out","/tmp/x","","")],[])"#,
+                "\"out\"",
+            ),
+            (
+                "missing_comma",
+                r#"Derive([("out" "/nix/store/x","","")],[])"#,
+                "byte 14",
+            ),
         ];
         for (name, input, expected) in cases {
             let err = parse_outputs(input).unwrap_err().to_string();

@@ -53,7 +53,10 @@ pub enum NarError {
     )]
     FileTooLong { declared: u64 },
     #[error("NAR symlink target {target:?}: {reason}")]
-    InvalidSymlinkTarget { target: String, reason: &'static str },
+    InvalidSymlinkTarget {
+        target: String,
+        reason: &'static str,
+    },
 }
 
 /// Starts a NAR on `out` and returns its root node.
@@ -97,7 +100,11 @@ impl<'a, W: Write> Node<'a, W> {
         buf: &mut [u8],
     ) -> Result<(), NarError> {
         let mut fallback = [0u8; 4096];
-        let buf = if buf.is_empty() { &mut fallback[..] } else { buf };
+        let buf = if buf.is_empty() {
+            &mut fallback[..]
+        } else {
+            buf
+        };
         write_token(self.out, b"(")?;
         write_token(self.out, b"type")?;
         write_token(self.out, b"regular")?;
@@ -109,7 +116,9 @@ impl<'a, W: Write> Node<'a, W> {
         self.out.write_all(&size.to_le_bytes())?;
         let mut remaining = size;
         while remaining > 0 {
-            let want = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let want = buf
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
             let n = match reader.read(&mut buf[..want]) {
                 Ok(0) => {
                     return Err(NarError::FileTooShort {
@@ -209,9 +218,7 @@ impl<W: Write> Directory<'_, W> {
             match previous.as_slice().cmp(name) {
                 std::cmp::Ordering::Less => {}
                 std::cmp::Ordering::Equal => {
-                    return Err(NarError::DuplicateName {
-                        name: lossy(name),
-                    });
+                    return Err(NarError::DuplicateName { name: lossy(name) });
                 }
                 std::cmp::Ordering::Greater => {
                     return Err(NarError::Unsorted {
@@ -317,7 +324,10 @@ mod tests {
     #[test]
     fn executable_empty_file() {
         let mut out = Vec::new();
-        open(&mut out).unwrap().file(true, 0, &mut io::empty()).unwrap();
+        open(&mut out)
+            .unwrap()
+            .file(true, 0, &mut io::empty())
+            .unwrap();
         assert_eq!(
             out,
             tokens(&[
@@ -358,9 +368,17 @@ mod tests {
         {
             let mut root = open(&mut out).unwrap().directory().unwrap();
             let mut sub = root.entry(b"a").unwrap().directory().unwrap();
-            sub.entry(b"f").unwrap().file(false, 1, &mut &b"x"[..]).unwrap();
+            sub.entry(b"f")
+                .unwrap()
+                .file(false, 1, &mut &b"x"[..])
+                .unwrap();
             sub.close().unwrap();
-            root.entry(b"b").unwrap().directory().unwrap().close().unwrap();
+            root.entry(b"b")
+                .unwrap()
+                .directory()
+                .unwrap()
+                .close()
+                .unwrap();
             root.close().unwrap();
         }
         assert_eq!(
@@ -471,7 +489,13 @@ mod tests {
             .file(false, 6, &mut &b"hello"[..])
             .unwrap_err();
         assert!(
-            matches!(err, NarError::FileTooShort { declared: 6, actual: 5 }),
+            matches!(
+                err,
+                NarError::FileTooShort {
+                    declared: 6,
+                    actual: 5
+                }
+            ),
             "{err}"
         );
         let mut out = Vec::new();
@@ -479,7 +503,10 @@ mod tests {
             .unwrap()
             .file(false, 4, &mut &b"hello"[..])
             .unwrap_err();
-        assert!(matches!(err, NarError::FileTooLong { declared: 4 }), "{err}");
+        assert!(
+            matches!(err, NarError::FileTooLong { declared: 4 }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -488,7 +515,12 @@ mod tests {
         let mut a = Vec::new();
         open(&mut a)
             .unwrap()
-            .file_with_buffer(false, data.len() as u64, &mut data.as_slice(), &mut [0u8; 7])
+            .file_with_buffer(
+                false,
+                data.len() as u64,
+                &mut data.as_slice(),
+                &mut [0u8; 7],
+            )
             .unwrap();
         let mut b = Vec::new();
         open(&mut b)

@@ -322,7 +322,10 @@ Sig: test1:3eGzpxEcsW2n8VtLSDVo7nYAMv65I5toEotuvr8WneBMI7zJrn74aoJddWGzeUiGCVZGG
         assert_eq!(info.file_size, Some(279));
         assert_eq!(info.nar_size, 928);
         assert_eq!(info.references.len(), 1);
-        assert_eq!(info.references[0].base(), "ghv1lymwwcjag5ii34r2ac64lf1cxw89-t-a");
+        assert_eq!(
+            info.references[0].base(),
+            "ghv1lymwwcjag5ii34r2ac64lf1cxw89-t-a"
+        );
         assert_eq!(
             info.deriver.as_ref().unwrap().base(),
             "91c2za11mf61rwg8ypjk82l4ia73346p-t-b.drv"
@@ -344,7 +347,10 @@ Sig: test1:3eGzpxEcsW2n8VtLSDVo7nYAMv65I5toEotuvr8WneBMI7zJrn74aoJddWGzeUiGCVZGG
 
     #[test]
     fn empty_references_print_like_nix() {
-        let text = REAL.replace("References: ghv1lymwwcjag5ii34r2ac64lf1cxw89-t-a", "References: ");
+        let text = REAL.replace(
+            "References: ghv1lymwwcjag5ii34r2ac64lf1cxw89-t-a",
+            "References: ",
+        );
         let info = NarInfo::parse(&text).unwrap();
         assert!(info.references.is_empty());
         assert_eq!(info.to_string(), text);
@@ -381,13 +387,40 @@ Sig: test1:3eGzpxEcsW2n8VtLSDVo7nYAMv65I5toEotuvr8WneBMI7zJrn74aoJddWGzeUiGCVZGG
     #[test]
     fn error_cases() {
         let cases: Vec<(&str, String, &str)> = vec![
-            ("missing_store_path", REAL.replace("StorePath: /nix/store/2nm1z9vx9pf9ny6mxl4khv44ibbh5adr-t-b\n", ""), "StorePath is missing"),
-            ("missing_nar_hash", REAL.replace("NarHash", "Xarhash"), "NarHash is missing"),
-            ("duplicate", format!("{REAL}NarSize: 1\n"), "line 11: field NarSize appears twice"),
+            (
+                "missing_store_path",
+                REAL.replace(
+                    "StorePath: /nix/store/2nm1z9vx9pf9ny6mxl4khv44ibbh5adr-t-b\n",
+                    "",
+                ),
+                "StorePath is missing",
+            ),
+            (
+                "missing_nar_hash",
+                REAL.replace("NarHash", "Xarhash"),
+                "NarHash is missing",
+            ),
+            (
+                "duplicate",
+                format!("{REAL}NarSize: 1\n"),
+                "line 11: field NarSize appears twice",
+            ),
             ("no_colon", format!("{REAL}garbage\n"), "line 11"),
-            ("bad_size", REAL.replace("NarSize: 928", "NarSize: -1"), "\"-1\" is not"),
-            ("bad_hash", REAL.replace("NarHash: sha256:", "NarHash: md5:"), "NarHash"),
-            ("bad_ref", REAL.replace("References: ghv1", "References: ghvX"), "References"),
+            (
+                "bad_size",
+                REAL.replace("NarSize: 928", "NarSize: -1"),
+                "\"-1\" is not",
+            ),
+            (
+                "bad_hash",
+                REAL.replace("NarHash: sha256:", "NarHash: md5:"),
+                "NarHash",
+            ),
+            (
+                "bad_ref",
+                REAL.replace("References: ghv1", "References: ghvX"),
+                "References",
+            ),
         ];
         for (name, text, expected) in cases {
             let err = NarInfo::parse(&text).unwrap_err().to_string();

@@ -19,9 +19,7 @@ pub enum SigningError {
     MissingColon { what: &'static str, name: String },
     #[error("{what}: the key name before ':' is empty")]
     EmptyName { what: &'static str },
-    #[error(
-        "{what} {name:?}: key name may not contain ':' or whitespace and may not be empty"
-    )]
+    #[error("{what} {name:?}: key name may not contain ':' or whitespace and may not be empty")]
     InvalidName { what: &'static str, name: String },
     #[error("{what} {name:?}: key material is not valid base64")]
     BadBase64 { what: &'static str, name: String },
@@ -73,12 +71,10 @@ fn split_key(what: &'static str, input: &str) -> Result<(String, Vec<u8>), Signi
     if name.is_empty() {
         return Err(SigningError::EmptyName { what });
     }
-    let bytes = BASE64
-        .decode(b64)
-        .map_err(|_| SigningError::BadBase64 {
-            what,
-            name: name.to_owned(),
-        })?;
+    let bytes = BASE64.decode(b64).map_err(|_| SigningError::BadBase64 {
+        what,
+        name: name.to_owned(),
+    })?;
     Ok((name.to_owned(), bytes))
 }
 
@@ -262,7 +258,8 @@ mod tests {
     fn verify_requires_matching_name() {
         let key = SigningKey::from_seed("a", [7; 32]);
         let sig = key.sign(b"m");
-        let renamed = PublicKey::parse(&key.public().to_nix_string().replacen('a', "b", 1)).unwrap();
+        let renamed =
+            PublicKey::parse(&key.public().to_nix_string().replacen('a', "b", 1)).unwrap();
         assert!(key.public().verify(b"m", &sig));
         assert!(!renamed.verify(b"m", &sig));
         assert!(!key.public().verify(b"m", "a:notbase64!"));
@@ -289,7 +286,10 @@ mod tests {
             assert!(SigningKey::parse(input).is_err(), "{name}");
         }
         assert!(PublicKey::parse("k:AAAA").is_err());
-        assert!(PublicKey::parse(&good_str).is_err(), "secret key as public key");
+        assert!(
+            PublicKey::parse(&good_str).is_err(),
+            "secret key as public key"
+        );
         assert!(SigningKey::generate("bad:name").is_err());
         assert!(SigningKey::generate("").is_err());
     }
@@ -298,7 +298,11 @@ mod tests {
     fn debug_hides_secret() {
         let key = SigningKey::from_seed("k", [9; 32]);
         let debug = format!("{key:?}");
-        let (_, secret) = key.to_nix_string().split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned())).unwrap();
+        let (_, secret) = key
+            .to_nix_string()
+            .split_once(':')
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .unwrap();
         assert!(!debug.contains(&secret[..20]), "{debug}");
     }
 }

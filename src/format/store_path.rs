@@ -387,7 +387,10 @@ mod tests {
         for (name, input, expected) in cases {
             let err = StorePath::parse(&input).unwrap_err();
             assert_eq!(err, expected, "{name}");
-            assert!(err.to_string().contains(&format!("{input:?}")), "{name}: {err}");
+            assert!(
+                err.to_string().contains(&format!("{input:?}")),
+                "{name}: {err}"
+            );
         }
     }
 

@@ -182,8 +182,10 @@ impl AtticTarget {
                 "{server}: unreadable answer while {action}: {detail}"
             ));
         }
-        TargetError::transient(format!("{server}: cannot reach the server while {action}: {detail}"))
-            .with_hint(format!("check that the Attic server at {server} is up"))
+        TargetError::transient(format!(
+            "{server}: cannot reach the server while {action}: {detail}"
+        ))
+        .with_hint(format!("check that the Attic server at {server} is up"))
     }
 
     /// Turns an error answer into a message naming the server or cache and what to do.
@@ -236,10 +238,7 @@ impl AtticTarget {
         }
     }
 
-    async fn missing_batch(
-        &self,
-        hashes: Vec<&str>,
-    ) -> Result<Vec<String>, TargetError> {
+    async fn missing_batch(&self, hashes: Vec<&str>) -> Result<Vec<String>, TargetError> {
         let action = "asking which paths are missing";
         let request = MissingPathsRequest {
             cache: &self.cache,
@@ -452,7 +451,11 @@ impl Target for AtticTarget {
         if let Ok(bytes) = response.bytes().await
             && let Ok(result) = serde_json::from_slice::<UploadPathResult>(&bytes)
         {
-            tracing::debug!("{}: {path}: {}", self.url, result.kind.as_deref().unwrap_or("?"));
+            tracing::debug!(
+                "{}: {path}: {}",
+                self.url,
+                result.kind.as_deref().unwrap_or("?")
+            );
         }
         Ok(())
     }

@@ -249,7 +249,8 @@ impl Inner {
             }
         }
 
-        let file = File::open(spool).map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
+        let file =
+            File::open(spool).map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
         let len = file
             .metadata()
             .map_err(|e| self.io_err(e, "cannot stat spooled NAR", spool))?
@@ -270,8 +271,8 @@ impl Inner {
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
                 // The spool lives on another filesystem (a caller-chosen spool directory):
                 // copy it into ours first, so the final step is still an atomic rename.
-                let mut src =
-                    File::open(spool).map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
+                let mut src = File::open(spool)
+                    .map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
                 self.write_atomically_with(key, |out| io::copy(&mut src, out).map(|_| ()))?;
             }
             Err(e) => return Err(self.io_err(e, "cannot store", &dest)),
@@ -343,8 +344,9 @@ impl Inner {
                 TargetError::transient(message)
                     .with_hint(format!("free space on the filesystem that holds {dir}"))
             }
-            Some(rustix::io::Errno::ROFS) => TargetError::permanent(message)
-                .with_hint(format!("{dir} is on a read-only filesystem; remount it or pick another cache")),
+            Some(rustix::io::Errno::ROFS) => TargetError::permanent(message).with_hint(format!(
+                "{dir} is on a read-only filesystem; remount it or pick another cache"
+            )),
             Some(
                 rustix::io::Errno::IO
                 | rustix::io::Errno::AGAIN
@@ -352,15 +354,16 @@ impl Inner {
                 | rustix::io::Errno::TIMEDOUT
                 | rustix::io::Errno::STALE,
             ) => TargetError::transient(message),
-            _ if e.kind() == io::ErrorKind::NotFound => TargetError::permanent(message)
-                .with_hint(format!("{dir} changed under narpost; check that nothing else removes files there")),
+            _ if e.kind() == io::ErrorKind::NotFound => TargetError::permanent(message).with_hint(
+                format!("{dir} changed under narpost; check that nothing else removes files there"),
+            ),
             _ => TargetError::permanent(message),
         }
     }
 }
 
-/// `None` if `text` is a cache info for this store, else what is wrong with it.
-fn check_cache_info(text: &str) -> Result<(), String> {
+/// Whether `text` is a `nix-cache-info` for this store; if not, what is wrong with it.
+pub(super) fn check_cache_info(text: &str) -> Result<(), String> {
     let store_dir = text
         .lines()
         .find_map(|l| l.strip_prefix("StoreDir:"))

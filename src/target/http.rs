@@ -1,57 +1,596 @@
-//! `http://` and `https://` binary caches written with PUT (skeleton; being completed).
+//! `http://` and `https://` binary caches that accept PUT (nginx WebDAV and the like): the
+//! same requests `nix copy --to http://...` makes.
+//!
+//! - `open`: `GET nix-cache-info` (a `404` gets one written: `StoreDir: /nix/store\n`, exactly
+//!   what Nix 2.8 writes); an answer without a `StoreDir` line (an HTML page, a login form)
+//!   means the URL is not a binary cache. Then `HEAD` of a narinfo that cannot exist: a
+//!   server answering `200` to it would make every existence check say "present", and
+//!   narpost would skip uploads that never happened, so such a cache is refused.
+//! - `missing`: `HEAD <hashpart>.narinfo`, at most [`MAX_IN_FLIGHT`] at once; `200` present,
+//!   `404` missing.
+//! - `put_nar`: `PUT nar/<filehash>.nar.zst`, streamed from the spooled file with its
+//!   `Content-Length`. Servers like nginx keep an upload in a temporary file until the body
+//!   is complete, so an aborted upload leaves nothing under the real name.
+//! - `put_narinfo`: `PUT <hashpart>.narinfo`, the commit point.
+//!
+//! This target takes zstd NARs only: a raw NAR is refused as a permanent error, because the
+//! narinfo the pipeline writes for a raw body has no `FileHash` and the layout Nix expects
+//! from an HTTP cache is the compressed one.
+//!
+//! # Timeouts
+//!
+//! A hung server must turn into an error, never a stuck upload, but a multi-gigabyte NAR on
+//! a slow link legitimately takes hours, so there is no total timeout on NAR uploads.
+//! Instead a watchdog fails the upload when the connection has taken no new body data for
+//! the read timeout, and, once the whole body has been handed over, when no answer arrives
+//! within [`ANSWER_TIMEOUT_FACTOR`] times it (the socket buffers may still hold megabytes
+//! that a slow link has to drain first). Small requests (`HEAD`, `GET`, narinfo `PUT`) get
+//! the read timeout as a total. reqwest's own `read_timeout` is not used: it runs from the
+//! start of the request to the response headers, which would cut long uploads short.
+//!
+//! Redirects are not followed: a streamed body cannot be sent twice, and a cache that
+//! redirects is better named by the URL it redirects to.
+//!
+//! Status mapping: connection failures, timeouts, `5xx`, `408` and `429` are transient;
+//! `401`/`403` are authentication errors; any other answer is permanent.
 
 use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 
-use super::{NarFormat, PreparedNar, Target, TargetError};
+use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
-use crate::format::store_path::StorePath;
+use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
 
+/// Existence checks in flight at once: enough to hide latency, few enough not to look like
+/// an attack to a small server.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection may show no progress. nginx's own body timeout is 60 s too.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// After a NAR's body has been handed to the connection, the answer may take this many
+/// read timeouts: the bytes still in socket buffers have to cross the link first.
+pub const ANSWER_TIMEOUT_FACTOR: u32 = 5;
+
+/// `nix-cache-info` answers longer than this are not cache infos (and not worth reading).
+const MAX_CACHE_INFO: usize = 64 * 1024;
+
+/// Chunk size for streaming a spooled NAR.
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+/// Credentials for the cache. Read by the caller from files or the environment; they are
+/// never printed, and [`HttpTarget::url`] leaves them out.
+#[derive(Clone)]
 pub enum HttpAuth {
     None,
     Bearer(String),
     Basic { user: String, password: String },
 }
 
+impl fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpAuth::None => f.write_str("None"),
+            HttpAuth::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            HttpAuth::Basic { user, .. } => {
+                write!(f, "Basic {{ user: {user:?}, password: <redacted> }}")
+            }
+        }
+    }
+}
+
 pub struct HttpTarget {
-    base: String,
-    #[allow(dead_code)]
+    /// Where objects go: ends with `/`, holds no credentials, query or fragment.
+    base: Url,
+    /// The cache as shown to the user: `base` without the trailing slash.
+    display: String,
     auth: HttpAuth,
     compression_level: i32,
+    client: reqwest::Client,
+    /// Longest stretch without progress on a connection; the total for small requests.
+    read_timeout: Duration,
 }
 
 impl HttpTarget {
+    /// `base` is the cache's root URL (`http(s)://host[:port][/path]`). Credentials in it
+    /// (`http://user:password@host`) are taken as basic authentication.
     pub fn new(base: String, auth: HttpAuth, compression_level: i32) -> Result<Self, TargetError> {
+        let (base, auth) = parse_base(&base, auth)?;
+        let display = base.as_str().trim_end_matches('/').to_string();
         Ok(HttpTarget {
+            client: build_client(DEFAULT_CONNECT_TIMEOUT)?,
             base,
+            display,
             auth,
             compression_level,
+            read_timeout: DEFAULT_READ_TIMEOUT,
         })
+    }
+
+    /// Replaces the default timeouts (10 s to connect, 60 s without progress).
+    pub fn with_timeouts(mut self, connect: Duration, read: Duration) -> Result<Self, TargetError> {
+        self.client = build_client(connect)?;
+        self.read_timeout = read;
+        Ok(self)
+    }
+
+    fn object_url(&self, key: &str) -> Result<Url, TargetError> {
+        self.base.join(key).map_err(|e| {
+            TargetError::permanent(format!("{}/{key}: not a valid URL: {e}", self.display))
+        })
+    }
+
+    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+        let request = self.client.request(method, url);
+        match &self.auth {
+            HttpAuth::None => request,
+            HttpAuth::Bearer(token) => request.bearer_auth(token),
+            HttpAuth::Basic { user, password } => request.basic_auth(user, Some(password)),
+        }
+    }
+
+    /// Sends a request whose whole exchange should fit in one read timeout.
+    async fn send_small(
+        &self,
+        request: RequestBuilder,
+        url: &Url,
+    ) -> Result<Response, TargetError> {
+        request
+            .timeout(self.read_timeout)
+            .send()
+            .await
+            .map_err(|e| transport_error(url, &e, self.read_timeout))
+    }
+
+    /// `Some(true)` for 200, `Some(false)` for 404, an error otherwise.
+    async fn exists(&self, key: &str) -> Result<bool, TargetError> {
+        let url = self.object_url(key)?;
+        let response = self
+            .send_small(self.request(Method::HEAD, url.clone()), &url)
+            .await?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(&url, &response)),
+        }
+    }
+
+    async fn narinfo_exists(&self, path: StorePath) -> Result<(StorePath, bool), TargetError> {
+        let present = self
+            .exists(&format!("{}.narinfo", path.hash_part()))
+            .await?;
+        Ok((path, present))
+    }
+
+    async fn put_small(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(), TargetError> {
+        let url = self.object_url(key)?;
+        let request = self
+            .request(Method::PUT, url.clone())
+            .header(CONTENT_TYPE, content_type)
+            .body(body);
+        let response = self.send_small(request, &url).await?;
+        expect_success(&url, response).await
+    }
+
+    async fn check_cache_info(&self) -> Result<(), TargetError> {
+        let url = self.object_url("nix-cache-info")?;
+        let response = self
+            .send_small(self.request(Method::GET, url.clone()), &url)
+            .await?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                let text = format!("StoreDir: {STORE_DIR}\n");
+                return self
+                    .put_small("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
+                    .await;
+            }
+            _ => return Err(status_error(&url, &response)),
+        }
+        let body = read_limited(response, MAX_CACHE_INFO)
+            .await
+            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
+        let text = String::from_utf8_lossy(&body);
+        super::file::check_cache_info(&text).map_err(|what| {
+            TargetError::permanent(format!(
+                "{url}: {what}; {} doesn't look like a binary cache",
+                self.display
+            ))
+            .with_hint("use the URL of the directory that holds nix-cache-info")
+        })
+    }
+
+    async fn put_spooled(&self, key: &str, spooled: &super::SpooledNar) -> Result<(), TargetError> {
+        let url = self.object_url(key)?;
+        let file = tokio::fs::File::open(&spooled.file).await.map_err(|e| {
+            TargetError::transient(format!(
+                "{}: cannot open spooled NAR: {e}",
+                spooled.file.display()
+            ))
+        })?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| {
+                TargetError::transient(format!(
+                    "{}: cannot stat spooled NAR: {e}",
+                    spooled.file.display()
+                ))
+            })?
+            .len();
+        if len != spooled.file_size {
+            return Err(TargetError::permanent(format!(
+                "{}: spooled NAR is {len} bytes, but its FileSize is {}",
+                spooled.file.display(),
+                spooled.file_size
+            )));
+        }
+
+        let progress = Arc::new(Progress::new());
+        let touch = progress.clone();
+        let body =
+            tokio_util::io::ReaderStream::with_capacity(file, UPLOAD_CHUNK).inspect(move |chunk| {
+                // An unreadable spool aborts the request (and the server discards the body).
+                if chunk.is_ok() {
+                    touch.touch();
+                }
+            });
+        let finished = progress.clone();
+        let body = body.chain(futures::stream::poll_fn(move |_| {
+            // Runs once, when the file is exhausted: from here on the answer is awaited.
+            finished.finish();
+            std::task::Poll::Ready(None)
+        }));
+        let request = self
+            .request(Method::PUT, url.clone())
+            .header(CONTENT_TYPE, "application/x-nix-nar")
+            .header(CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(body));
+        let response = self.watch(request.send(), &progress, &url).await?;
+        expect_success(&url, response).await
+    }
+
+    /// Drives `send` and fails it when `progress` stalls (see the module doc).
+    async fn watch(
+        &self,
+        send: impl Future<Output = Result<Response, reqwest::Error>>,
+        progress: &Progress,
+        url: &Url,
+    ) -> Result<Response, TargetError> {
+        tokio::pin!(send);
+        loop {
+            let limit = if progress.finished() {
+                self.read_timeout * ANSWER_TIMEOUT_FACTOR
+            } else {
+                self.read_timeout
+            };
+            let deadline = progress.last() + limit;
+            tokio::select! {
+                result = &mut send => {
+                    return result.map_err(|e| transport_error(url, &e, self.read_timeout));
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if progress.last() + limit > Instant::now() {
+                        continue;
+                    }
+                    let what = if progress.finished() {
+                        "the whole NAR was sent, but no answer came"
+                    } else {
+                        "the server stopped taking the upload"
+                    };
+                    return Err(TargetError::transient(format!(
+                        "{url}: timed out: {what} for {}",
+                        human_duration(limit)
+                    )));
+                }
+            }
+        }
     }
 }
 
 #[async_trait]
 impl Target for HttpTarget {
     fn url(&self) -> String {
-        self.base.clone()
+        self.display.clone()
     }
+
     fn nar_format(&self) -> NarFormat {
         NarFormat::Zstd {
             level: self.compression_level,
         }
     }
+
     async fn open(&self) -> Result<(), TargetError> {
-        Err(TargetError::permanent("http target: not implemented yet"))
+        self.check_cache_info().await?;
+        let probe = format!("{}.narinfo", impossible_hash_part());
+        if self.exists(&probe).await? {
+            return Err(TargetError::permanent(format!(
+                "{}: cache answers 200 for narinfos it cannot have ({probe}); refusing to trust its existence checks",
+                self.display
+            ))
+            .with_hint("check the cache URL and the server's configuration (a catch-all route or a login page?)"));
+        }
+        Ok(())
     }
-    async fn missing(&self, _paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
-        Err(TargetError::permanent("http target: not implemented yet"))
+
+    async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
+        let paths: Vec<StorePath> = paths.iter().map(|info| info.path.clone()).collect();
+        futures::stream::iter(paths)
+            .map(|path| self.narinfo_exists(path))
+            .buffer_unordered(MAX_IN_FLIGHT)
+            .try_fold(HashSet::new(), |mut missing, (path, present)| async move {
+                if !present {
+                    missing.insert(path);
+                }
+                Ok(missing)
+            })
+            .await
     }
-    async fn put_nar(&self, _nar: &PreparedNar) -> Result<String, TargetError> {
-        Err(TargetError::permanent("http target: not implemented yet"))
+
+    async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError> {
+        match &nar.body {
+            NarBody::Spooled(spooled) => {
+                let key = spooled.cache_key();
+                self.put_spooled(&key, spooled).await?;
+                Ok(key)
+            }
+            NarBody::Raw(_) => Err(TargetError::permanent(format!(
+                "{}: this cache stores zstd-compressed NARs, but was handed an uncompressed one for {}",
+                self.display,
+                nar.info.path.to_absolute()
+            ))),
+        }
     }
-    async fn put_narinfo(&self, _narinfo: &NarInfo, _nar: &PreparedNar) -> Result<(), TargetError> {
-        Err(TargetError::permanent("http target: not implemented yet"))
+
+    async fn put_narinfo(&self, narinfo: &NarInfo, _nar: &PreparedNar) -> Result<(), TargetError> {
+        let key = format!("{}.narinfo", narinfo.store_path.hash_part());
+        self.put_small(&key, "text/x-nix-narinfo", narinfo.to_string().into_bytes())
+            .await
+    }
+}
+
+/// When the upload last made progress, and whether the body has been handed over completely.
+struct Progress {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+    fn finish(&self) {
+        self.touch();
+        self.finished.store(true, Ordering::Relaxed);
+    }
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, TargetError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        // Notices a peer that vanished without closing while we wait on an idle connection.
+        .tcp_keepalive(Duration::from_secs(30))
+        .user_agent(concat!("narpost/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| {
+            TargetError::permanent(format!("cannot set up the HTTP client: {}", innermost(&e)))
+        })
+}
+
+/// Validates the cache URL and moves credentials embedded in it into `auth`.
+fn parse_base(base: &str, auth: HttpAuth) -> Result<(Url, HttpAuth), TargetError> {
+    // The URL is not echoed in full: it may hold a password.
+    let mut url = Url::parse(base).map_err(|e| {
+        TargetError::permanent(format!("{}: not a valid cache URL: {e}", redact(base)))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(TargetError::permanent(format!(
+            "{}: not an http:// or https:// URL with a host",
+            redact(base)
+        )));
+    }
+    if let Some(query) = url.query() {
+        return Err(TargetError::permanent(format!(
+            "{}: cache URLs take no parameters (?{query})",
+            redact(base)
+        ))
+        .with_hint("remove the '?...' part: narpost always uploads zstd NARs and takes its settings from its configuration"));
+    }
+    url.set_fragment(None);
+    let mut auth = auth;
+    if !url.username().is_empty() || url.password().is_some() {
+        if !matches!(auth, HttpAuth::None) {
+            return Err(TargetError::permanent(format!(
+                "{}: credentials both in the URL and in the configuration",
+                redact(base)
+            ))
+            .with_hint(
+                "keep one of them; a token or basic-auth file keeps secrets out of command lines",
+            ));
+        }
+        auth = HttpAuth::Basic {
+            user: percent_decode(url.username()),
+            password: url.password().map(percent_decode).unwrap_or_default(),
+        };
+        // Only fails for URLs that cannot have credentials, which the checks above exclude.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok((url, auth))
+}
+
+/// `scheme://host...` with anything between `://` and `@` replaced.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            format!("{}://<credentials>@{}", &url[..s], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A valid-looking hash part that no store path has: 160 random bits.
+fn impossible_hash_part() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Each `RandomState` is seeded from the OS's randomness (then varied per instance).
+    let mut seed = Vec::with_capacity(40);
+    for i in 0..4u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        h.write_u32(std::process::id());
+        seed.extend_from_slice(&h.finish().to_le_bytes());
+    }
+    let digest = crate::format::hash::Sha256::digest(&seed);
+    crate::format::nixbase32::encode(&digest.as_bytes()[..20])
+}
+
+async fn expect_success(url: &Url, response: Response) -> Result<(), TargetError> {
+    if response.status().is_success() {
+        // Reading the (small) answer lets the connection be reused; it carries nothing we need.
+        let _ = read_limited(response, MAX_CACHE_INFO).await;
+        Ok(())
+    } else {
+        Err(status_error(url, &response))
+    }
+}
+
+async fn read_limited(response: Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+fn status_error(url: &Url, response: &Response) -> TargetError {
+    let status = response.status();
+    let message = format!("{url}: server answered {status}");
+    match status.as_u16() {
+        401 | 403 => TargetError::auth(message).with_hint(
+            "check the token (NARPOST_TOKEN or the token file) or the basic-auth file (NARPOST_BASIC_AUTH_FILE), and that it may write to this cache",
+        ),
+        408 | 429 | 500..=599 => TargetError::transient(message),
+        300..=399 => {
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere");
+            TargetError::permanent(format!("{message} (redirect to {location})"))
+                .with_hint("use the URL the server redirects to as the cache URL")
+        }
+        405 => TargetError::permanent(message)
+            .with_hint("the server does not take PUT here; enable uploads (nginx: dav_methods PUT)"),
+        413 => TargetError::permanent(message)
+            .with_hint("raise the server's upload limit (nginx: client_max_body_size 0)"),
+        _ => TargetError::permanent(message),
+    }
+}
+
+fn transport_error(url: &Url, e: &reqwest::Error, read_timeout: Duration) -> TargetError {
+    let detail = innermost(e);
+    if e.is_timeout() {
+        return TargetError::transient(format!(
+            "{url}: timed out: no answer within {}",
+            human_duration(read_timeout)
+        ));
+    }
+    if detail.contains("certificate") {
+        return TargetError::permanent(format!("{url}: TLS: {detail}"))
+            .with_hint("the server's certificate is not trusted here; fix it or add its CA to the system's trust store");
+    }
+    if e.is_connect() {
+        return TargetError::transient(format!("{url}: cannot connect: {detail}"))
+            .with_hint("check that the cache server is running and reachable");
+    }
+    if e.is_builder() {
+        return TargetError::permanent(format!("{url}: cannot build the request: {detail}"));
+    }
+    TargetError::transient(format!("{url}: {detail}"))
+}
+
+/// The most specific message in an error's source chain (reqwest's own top-level message
+/// repeats the URL, possibly with credentials, and says little).
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = e;
+    while let Some(source) = last.source() {
+        last = source;
+    }
+    last.to_string()
+}
+
+fn human_duration(d: Duration) -> String {
+    if d.as_secs() >= 1 && d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }

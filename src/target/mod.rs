@@ -172,12 +172,19 @@ pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError
         return Ok(Arc::new(file::FileTarget::new(PathBuf::from(url), level)));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let auth = match (cfg.token().map_err(config_err)?, cfg.basic_auth().map_err(config_err)?) {
+        let auth = match (
+            cfg.token().map_err(config_err)?,
+            cfg.basic_auth().map_err(config_err)?,
+        ) {
             (Some(token), _) => http::HttpAuth::Bearer(token),
             (None, Some((user, password))) => http::HttpAuth::Basic { user, password },
             (None, None) => http::HttpAuth::None,
         };
-        return Ok(Arc::new(http::HttpTarget::new(url.to_string(), auth, level)?));
+        return Ok(Arc::new(http::HttpTarget::new(
+            url.to_string(),
+            auth,
+            level,
+        )?));
     }
     if url.starts_with("s3://") {
         return Ok(Arc::new(s3::S3Target::from_url(url, level)?));
