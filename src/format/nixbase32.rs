@@ -61,6 +61,16 @@ pub fn encode(input: &[u8]) -> String {
 
 pub fn decode(input: &str) -> Result<Vec<u8>, Nixbase32Error> {
     let bytes = input.as_bytes();
+    // Scan forwards first: the first bad byte is then always on a char boundary, and a
+    // wrong character is a more useful report than the length it happens to produce.
+    if let Some(position) = bytes.iter().position(|&c| DECODE[usize::from(c)] == 0xff) {
+        let found = input[position..].chars().next().unwrap_or('\u{fffd}');
+        return Err(Nixbase32Error::InvalidCharacter {
+            input: input.to_owned(),
+            found,
+            position,
+        });
+    }
     let out_len = decoded_len(bytes.len());
     if encoded_len(out_len) != bytes.len() {
         return Err(Nixbase32Error::InvalidLength {
@@ -69,16 +79,8 @@ pub fn decode(input: &str) -> Result<Vec<u8>, Nixbase32Error> {
         });
     }
     let mut out = vec![0u8; out_len];
-    for (n, (position, &c)) in bytes.iter().enumerate().rev().enumerate() {
+    for (n, &c) in bytes.iter().rev().enumerate() {
         let digit = DECODE[usize::from(c)];
-        if digit == 0xff {
-            let found = input[position..].chars().next().unwrap_or('\u{fffd}');
-            return Err(Nixbase32Error::InvalidCharacter {
-                input: input.to_owned(),
-                found,
-                position,
-            });
-        }
         let b = n * 5;
         let i = b / 8;
         let j = b % 8;
