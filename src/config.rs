@@ -14,6 +14,7 @@
 //! basic-auth-file = "/etc/narpost/basic"   # `user:password`, for HTTP caches behind basic auth
 //! gc-roots-dir = "/nix/var/nix/gcroots/narpost"
 //! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
+//! http-timeout = 60                         # seconds an HTTP/Attic connection may make no progress
 //! ```
 //!
 //! Secrets are only ever read from files or the environment, never from the command line,
@@ -63,6 +64,7 @@ struct FileConfig {
     basic_auth_file: Option<PathBuf>,
     gc_roots_dir: Option<PathBuf>,
     drain_timeout: Option<u64>,
+    http_timeout: Option<u64>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -90,6 +92,8 @@ pub struct Config {
     pub basic_auth_file: Option<PathBuf>,
     pub gc_roots_dir: PathBuf,
     pub drain_timeout: Duration,
+    /// How long an HTTP connection may make no progress before it counts as hung.
+    pub http_timeout: Duration,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
 }
@@ -136,6 +140,18 @@ impl Config {
             },
         }
         .max(1);
+        let http_timeout = match env("NARPOST_HTTP_TIMEOUT") {
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|&s: &u64| s > 0)
+                .ok_or_else(|| ConfigError::Env {
+                    var: "NARPOST_HTTP_TIMEOUT",
+                    value: v.clone(),
+                    reason: "expected a whole number of seconds above 0".into(),
+                })?,
+            None => file.http_timeout.unwrap_or(60).max(1),
+        };
         let token_file = flags
             .token_file
             .or_else(|| env("NARPOST_TOKEN_FILE").map(PathBuf::from))
@@ -157,6 +173,7 @@ impl Config {
             drain_timeout: Duration::from_secs(
                 flags.drain_timeout.or(file.drain_timeout).unwrap_or(30),
             ),
+            http_timeout: Duration::from_secs(http_timeout),
             state_dir,
             config_file,
         })

@@ -20,6 +20,7 @@ pub mod s3;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -180,11 +181,11 @@ pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError
             (None, Some((user, password))) => http::HttpAuth::Basic { user, password },
             (None, None) => http::HttpAuth::None,
         };
-        return Ok(Arc::new(http::HttpTarget::new(
-            url.to_string(),
-            auth,
-            level,
-        )?));
+        let target = http::HttpTarget::new(url.to_string(), auth, level)?.with_timeouts(
+            cfg.http_timeout.min(Duration::from_secs(10)),
+            cfg.http_timeout,
+        )?;
+        return Ok(Arc::new(target));
     }
     if url.starts_with("s3://") {
         return Ok(Arc::new(s3::S3Target::from_url(url, level)?));

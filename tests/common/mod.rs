@@ -1,0 +1,599 @@
+//! Shared harness for the end-to-end tests: the real Nix (builds and fresh-store
+//! substitution), a real nginx with WebDAV PUT, and a checker for cache completeness.
+//!
+//! Every part the tests need must be installed (`scripts/install-deps`); a missing one is a
+//! loud failure, never a skip.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use narpost::format::hash::Sha256;
+use narpost::format::narinfo::NarInfo;
+use narpost::format::store_path::StorePath;
+
+/// Panics with a clear message when `program` is not installed.
+pub fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is not installed: the end-to-end tests need the real part; run scripts/install-deps (as root)"
+    );
+}
+
+/// Nix settings for every Nix command the tests run: no substituters (so builds happen
+/// locally and fresh stores get paths only from the cache under test).
+pub const NIX_CONFIG: &str =
+    "substituters =\nexperimental-features = nix-command\nsandbox = false\n";
+
+/// A `Command` for a Nix program with the tests' settings.
+pub fn nix(program: &str) -> Command {
+    require(program);
+    let mut cmd = Command::new(program);
+    cmd.env("NIX_CONFIG", NIX_CONFIG);
+    cmd.env_remove("NIX_REMOTE");
+    cmd
+}
+
+/// Runs `cmd`, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A string that differs on every call, so every test builds derivations nobody built before.
+pub fn nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        now,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The narpost binary under test, with no narpost settings inherited from the environment.
+pub fn narpost_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_narpost"))
+}
+
+/// A scratch directory with a narpost state directory in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("narpost-e2e-")
+            .tempdir()
+            .expect("create a scratch directory");
+        Env { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `narpost --state-dir <state>` with a clean environment and the tests' Nix settings.
+    pub fn narpost(&self) -> Command {
+        let mut cmd = Command::new(narpost_bin());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("NARPOST_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("NIX_CONFIG", NIX_CONFIG);
+        cmd.env("NARPOST_GC_ROOTS_DIR", self.path().join("gcroots"));
+        cmd.arg("--state-dir").arg(self.state());
+        cmd
+    }
+
+    /// Generates a key with `narpost keygen` and returns (secret file, public key line).
+    pub fn keygen(&self, name: &str) -> (PathBuf, String) {
+        let dir = self.path().join("keys");
+        run(self.narpost().args(["keygen", name, "--out"]).arg(&dir));
+        let public = fs::read_to_string(dir.join(format!("{name}.pub"))).expect("read public key");
+        (dir.join(format!("{name}.sec")), public.trim().to_owned())
+    }
+
+    /// Writes a Nix expression file and returns its path.
+    pub fn write_nix(&self, name: &str, text: &str) -> PathBuf {
+        let file = self.path().join(name);
+        fs::write(&file, text).expect("write a Nix expression");
+        file
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env::new()
+    }
+}
+
+/// The `mk` helper every test expression starts with: a derivation built by /bin/sh from
+/// a script, without nixpkgs. `nonce` makes every derivation new to this store.
+pub fn nix_prelude(nonce: &str) -> String {
+    format!(
+        r#"let
+  nonce = "{nonce}";
+  mk = name: script: builtins.derivation {{
+    inherit name nonce; system = builtins.currentSystem; builder = "/bin/sh";
+    PATH = "/bin:/usr/bin"; args = [ "-c" script ];
+  }};
+in
+"#
+    )
+}
+
+/// Builds `attrs` of `file` (all of it when empty) and returns the output paths.
+pub fn nix_build(file: &Path, attrs: &[&str], extra: &[&str]) -> Vec<StorePath> {
+    let mut cmd = nix("nix-build");
+    cmd.arg(file).arg("--no-out-link").args(extra);
+    for attr in attrs {
+        cmd.args(["-A", attr]);
+    }
+    parse_paths(&stdout(&run(&mut cmd)))
+}
+
+pub fn parse_paths(text: &str) -> Vec<StorePath> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| StorePath::from_absolute(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A closure of four derivations covering every NAR node type (regular and executable
+/// files, empty and large files, symlinks with relative and absolute targets, nested and
+/// empty directories), with a diamond of references. Returns (top, every output).
+pub fn build_rich_closure(env: &Env) -> (StorePath, Vec<StorePath>) {
+    let expr = format!(
+        r#"{prelude}rec {{
+  base = mk "narpost-t-base" ''
+    mkdir -p $out/bin $out/share/empty $out/lib/deep/er
+    printf '#!/bin/sh\necho base\n' > $out/bin/tool && chmod +x $out/bin/tool
+    : > $out/share/empty-file
+    printf 'exactly8' > $out/share/eight
+    printf 'seven77' > $out/share/seven
+    head -c 1200000 /dev/urandom > $out/lib/deep/er/blob
+    ln -s ../bin/tool $out/share/relative-link
+    ln -s /bin/sh $out/share/absolute-link
+    for n in B a _ Z 0; do echo $n > $out/lib/$n; done
+  '';
+  left = mk "narpost-t-left" ''
+    mkdir -p $out && echo ${{base}}/bin/tool > $out/uses-base
+  '';
+  right = mk "narpost-t-right" ''
+    echo ${{base}} > $out
+  '';
+  top = mk "narpost-t-top" ''
+    mkdir -p $out/bin && echo ${{left}} ${{right}} > $out/refs
+    ln -s ${{left}}/uses-base $out/bin/link-into-left
+  '';
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let file = env.write_nix("rich.nix", &expr);
+    let outs = nix_build(&file, &["top", "left", "right", "base"], &[]);
+    assert_eq!(outs.len(), 4, "four outputs: {outs:?}");
+    let top = outs[0].clone();
+    (top, outs)
+}
+
+/// The closure of `paths`, as the real Nix reports it.
+pub fn nix_closure(paths: &[StorePath]) -> BTreeSet<StorePath> {
+    let mut cmd = nix("nix-store");
+    cmd.args(["-qR"]);
+    for p in paths {
+        cmd.arg(p.to_absolute());
+    }
+    parse_paths(&stdout(&run(&mut cmd))).into_iter().collect()
+}
+
+/// Copies `paths` from `cache_url` into a new chroot store with signatures required and
+/// only `trusted_key` trusted. Ok when Nix accepted every path (and reports them valid).
+pub fn substitute(
+    scratch: &Path,
+    cache_url: &str,
+    trusted_key: &str,
+    paths: &[StorePath],
+) -> Result<(), String> {
+    let fresh = tempfile::Builder::new()
+        .prefix("fresh-store-")
+        .tempdir_in(scratch)
+        .map_err(|e| e.to_string())?;
+    let mut cmd = nix("nix");
+    cmd.args(["copy", "--from", cache_url, "--to"])
+        .arg(fresh.path())
+        .args(["--option", "require-sigs", "true"])
+        .args(["--option", "trusted-public-keys", trusted_key]);
+    for p in paths {
+        cmd.arg(p.to_absolute());
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("nix copy failed: {}", stderr(&out)));
+    }
+    // Nix reports validity only for what it actually has, and its closure.
+    let mut check = nix("nix");
+    check.args(["path-info", "-r", "--store"]).arg(fresh.path());
+    for p in paths {
+        check.arg(p.to_absolute());
+    }
+    let out = check.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "nix path-info in the fresh store failed: {}",
+            stderr(&out)
+        ));
+    }
+    let got: BTreeSet<StorePath> = parse_paths(&stdout(&out)).into_iter().collect();
+    let want = nix_closure(paths);
+    if got != want {
+        return Err(format!(
+            "the fresh store holds {} paths, expected the closure's {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Panics unless a fresh store substitutes the closure of `paths` from `cache_url`.
+pub fn assert_substitutes(env: &Env, cache_url: &str, trusted_key: &str, paths: &[StorePath]) {
+    if let Err(e) = substitute(env.path(), cache_url, trusted_key, paths) {
+        panic!(
+            "a fresh store did not substitute {} path(s) from {cache_url}: {e}",
+            paths.len()
+        );
+    }
+}
+
+/// What a binary-cache directory (file://, the nginx root, an S3 bucket's files) holds.
+pub struct CacheDir {
+    pub root: PathBuf,
+}
+
+impl CacheDir {
+    pub fn new(root: impl Into<PathBuf>) -> CacheDir {
+        CacheDir { root: root.into() }
+    }
+
+    /// Every narinfo, by store path.
+    pub fn narinfos(&self) -> BTreeMap<StorePath, NarInfo> {
+        let mut out = BTreeMap::new();
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".narinfo") || name.starts_with('.') {
+                continue;
+            }
+            let text = fs::read_to_string(entry.path()).expect("read narinfo");
+            let info = NarInfo::parse(&text).unwrap_or_else(|e| {
+                panic!("{}: not a narinfo: {e}\n{text}", entry.path().display())
+            });
+            out.insert(info.store_path.clone(), info);
+        }
+        out
+    }
+
+    pub fn has(&self, path: &StorePath) -> bool {
+        self.root
+            .join(format!("{}.narinfo", path.hash_part()))
+            .is_file()
+    }
+
+    /// The number of NAR files.
+    pub fn nar_count(&self) -> usize {
+        fs::read_dir(self.root.join("nar"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The completeness check every end-to-end test runs: each narinfo parses, names a NAR
+    /// that exists with the recorded FileSize and FileHash, and each of its references has
+    /// a narinfo too. Returns the problems found, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let infos = self.narinfos();
+        let mut problems = Vec::new();
+        for (path, info) in &infos {
+            let nar = self.root.join(&info.url);
+            match fs::File::open(&nar) {
+                Err(e) => problems.push(format!("{path}: NAR {} missing: {e}", info.url)),
+                Ok(mut file) => {
+                    let mut data = Vec::new();
+                    if let Err(e) = file.read_to_end(&mut data) {
+                        problems.push(format!("{path}: NAR {} unreadable: {e}", info.url));
+                        continue;
+                    }
+                    if info.file_size.is_some_and(|s| s != data.len() as u64) {
+                        problems.push(format!(
+                            "{path}: NAR {} is {} bytes, narinfo says {:?}",
+                            info.url,
+                            data.len(),
+                            info.file_size
+                        ));
+                    }
+                    if info.file_hash.is_some_and(|h| h != Sha256::digest(&data)) {
+                        problems.push(format!("{path}: NAR {} has the wrong FileHash", info.url));
+                    }
+                }
+            }
+            for reference in &info.references {
+                if reference != path && !infos.contains_key(reference) {
+                    problems.push(format!("{path}: reference {reference} has no narinfo"));
+                }
+            }
+        }
+        problems
+    }
+
+    pub fn assert_complete(&self) {
+        let problems = self.problems();
+        assert!(
+            problems.is_empty(),
+            "cache {} is not complete:\n{}",
+            self.root.display(),
+            problems.join("\n")
+        );
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
+}
+
+/// Waits until something accepts connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+}
+
+/// A real nginx serving `root` as an HTTP binary cache with WebDAV PUT, on 127.0.0.1.
+/// Its access log records `METHOD URI STATUS` per request, in order.
+pub struct Nginx {
+    pub root: PathBuf,
+    pub port: u16,
+    prefix: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nginx {
+    pub fn start(scratch: &Path) -> Nginx {
+        require("nginx");
+        let prefix = scratch.join("nginx");
+        let root = prefix.join("cache");
+        fs::create_dir_all(&root).expect("create the nginx root");
+        fs::create_dir_all(prefix.join("tmp")).expect("create the nginx temp dir");
+        let mut nginx = Nginx {
+            root,
+            port: free_port(),
+            prefix,
+            child: None,
+        };
+        nginx.write_config(None);
+        nginx.resume();
+        nginx
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cache(&self) -> CacheDir {
+        CacheDir::new(&self.root)
+    }
+
+    fn write_config(&self, auth: Option<&str>) {
+        let mut conf = String::new();
+        let p = self.prefix.display();
+        let auth_block = auth
+            .map(|token| {
+                format!("if ($http_authorization != \"Bearer {token}\") {{ return 401; }}\n")
+            })
+            .unwrap_or_default();
+        writeln!(
+            conf,
+            r#"daemon off;
+master_process off;
+user root;
+error_log {p}/error.log warn;
+pid {p}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+  log_format narpost '$request_method $uri $status';
+  access_log {p}/access.log narpost;
+  client_body_temp_path {p}/tmp;
+  proxy_temp_path {p}/tmp;
+  fastcgi_temp_path {p}/tmp;
+  uwsgi_temp_path {p}/tmp;
+  scgi_temp_path {p}/tmp;
+  client_max_body_size 0;
+  types {{ }}
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root};
+    location / {{
+      {auth_block}
+      dav_methods PUT DELETE;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }}
+  }}
+}}"#,
+            port = self.port,
+            root = self.root.display(),
+        )
+        .expect("format");
+        fs::write(self.prefix.join("nginx.conf"), conf).expect("write nginx.conf");
+    }
+
+    /// Requires `Authorization: Bearer <token>` from now on (takes effect on restart).
+    pub fn require_token(&mut self, token: &str) {
+        self.write_config(Some(token));
+        self.stop();
+        self.resume();
+    }
+
+    /// Starts nginx again on the same port after [`Nginx::stop`].
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "nginx is already running");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&self.prefix)
+            .arg("-c")
+            .arg(self.prefix.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nginx");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Stops nginx: the cache is down until [`Nginx::resume`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Requests so far, as (method, uri, status).
+    pub fn log(&self) -> Vec<(String, String, u16)> {
+        let text = fs::read_to_string(self.prefix.join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut parts = l.split(' ');
+                let method = parts.next()?.to_owned();
+                let uri = parts.next()?.to_owned();
+                let status = parts.next()?.parse().ok()?;
+                Some((method, uri, status))
+            })
+            .collect()
+    }
+
+    /// Successful PUTs so far, in order.
+    pub fn puts(&self) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|(m, _, s)| m == "PUT" && (200..300).contains(s))
+            .map(|(_, uri, _)| uri)
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Checks the order of uploads in `puts` (URIs of successful PUTs): each path's NAR before
+/// its narinfo, and each reference's narinfo before its referrer's. Returns the problems.
+pub fn upload_order_problems(puts: &[String], cache: &CacheDir) -> Vec<String> {
+    let position: BTreeMap<&str, usize> = puts
+        .iter()
+        .enumerate()
+        .map(|(i, uri)| (uri.trim_start_matches('/'), i))
+        .collect();
+    let mut problems = Vec::new();
+    for (path, info) in cache.narinfos() {
+        let own = format!("{}.narinfo", path.hash_part());
+        let Some(&at) = position.get(own.as_str()) else {
+            problems.push(format!("{path}: its narinfo was not uploaded by PUT"));
+            continue;
+        };
+        match position.get(info.url.as_str()) {
+            Some(&nar) if nar < at => {}
+            Some(_) => problems.push(format!("{path}: narinfo uploaded before its NAR")),
+            None => problems.push(format!("{path}: NAR {} was not uploaded by PUT", info.url)),
+        }
+        for reference in info.references.iter().filter(|r| **r != path) {
+            let theirs = format!("{}.narinfo", reference.hash_part());
+            match position.get(theirs.as_str()) {
+                Some(&r) if r < at => {}
+                _ => problems.push(format!(
+                    "{path}: narinfo uploaded before its reference {reference}'s"
+                )),
+            }
+        }
+    }
+    problems
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Makes a store path's file writable and changes it behind Nix's back (needs root).
+pub fn corrupt_store_file(file: &Path, new_contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = file.parent().expect("a file inside a store path");
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).expect("make writable");
+    fs::set_permissions(file, fs::Permissions::from_mode(0o644)).expect("make writable");
+    fs::write(file, new_contents).expect("overwrite a store file");
+    fs::set_permissions(file, fs::Permissions::from_mode(0o444)).expect("restore mode");
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o555)).expect("restore mode");
+}

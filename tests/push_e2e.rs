@@ -1,0 +1,454 @@
+//! `narpost push` end to end, with the real Nix and a real nginx WebDAV cache: what narpost
+//! uploads, a fresh Nix store substitutes with signatures required.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn file_cache_closure_substitutes_with_signatures_required() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("test-cache-1");
+    let cache = env.path().join("cache");
+    let url = format!("file://{}", cache.display());
+
+    let out = run(env
+        .narpost()
+        .args(["push", "--to", &url, "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    let closure = nix_closure(&[top.clone()]);
+    assert!(closure.len() >= 4, "closure: {closure:?}");
+    let dir = CacheDir::new(&cache);
+    for p in &closure {
+        assert!(dir.has(p), "{p} not in the cache; narpost said:\n{text}");
+    }
+    assert_eq!(dir.narinfos().len(), closure.len(), "{text}");
+    dir.assert_complete();
+    assert!(cache.join("nix-cache-info").is_file());
+    // No temporary files left under any name (the temporary directory itself may stay).
+    for entry in walk(&cache) {
+        let name = entry
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            !name.starts_with('.') || entry.is_dir(),
+            "leftover {}",
+            entry.display()
+        );
+        assert!(
+            !entry.parent().is_some_and(|p| p.ends_with(".narpost-tmp")),
+            "leftover {}",
+            entry.display()
+        );
+    }
+
+    assert_substitutes(&env, &url, &public, &outs);
+
+    // A store trusting another key refuses everything.
+    let (_, other) = env.keygen("other-cache-1");
+    let err = substitute(env.path(), &url, &other, &[top.clone()])
+        .expect_err("a fresh store trusting another key must refuse the paths");
+    assert!(
+        err.contains("signature") || err.contains("lacks a valid"),
+        "{err}"
+    );
+
+    // Second push: nothing new, and it says so.
+    let nars_before = dir.nar_count();
+    let out = run(env
+        .narpost()
+        .args(["push", "--to", &url, "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    assert!(
+        text.contains(&format!("all {} paths were already cached", closure.len())),
+        "{text}"
+    );
+    assert_eq!(dir.nar_count(), nars_before);
+}
+
+#[test]
+fn http_cache_gets_nars_before_narinfos_and_references_first() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("test-http-1");
+    let nginx = Nginx::start(env.path());
+
+    let out = run(env
+        .narpost()
+        .args(["push", "--jobs", "4", "--to", &nginx.url(), "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    let closure = nix_closure(&[top.clone()]);
+    let cache = nginx.cache();
+    assert_eq!(cache.narinfos().len(), closure.len(), "{text}");
+    cache.assert_complete();
+    let problems = upload_order_problems(&nginx.puts(), &cache);
+    assert!(
+        problems.is_empty(),
+        "upload order:\n{}",
+        problems.join("\n")
+    );
+
+    assert_substitutes(&env, &nginx.url(), &public, &outs);
+    let (_, other) = env.keygen("other-http-1");
+    assert!(substitute(env.path(), &nginx.url(), &other, &[top.clone()]).is_err());
+
+    let puts_before = nginx.puts().len();
+    let out = run(env
+        .narpost()
+        .args(["push", "--to", &nginx.url(), "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    assert!(text.contains("already cached"), "{text}");
+    assert_eq!(
+        nginx.puts().len(),
+        puts_before,
+        "a second push uploaded something"
+    );
+}
+
+#[test]
+fn http_cache_with_bearer_token_from_a_file() {
+    let env = Env::new();
+    let (top, _) = build_rich_closure(&env);
+    let (key, public) = env.keygen("token-1");
+    let mut nginx = Nginx::start(env.path());
+    nginx.require_token("s3cret-token");
+
+    // Without the token: refused as an authentication problem, and nothing stored.
+    let out = env
+        .narpost()
+        .args(["push", "--to", &nginx.url(), "--key"])
+        .arg(&key)
+        .arg(top.to_absolute())
+        .output()
+        .expect("run narpost");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("401"), "{err}");
+    assert!(
+        err.contains("token"),
+        "the hint names the token setting: {err}"
+    );
+    assert!(nginx.cache().narinfos().is_empty());
+
+    let token = env.path().join("token");
+    fs::write(&token, "s3cret-token\n").expect("write token");
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).expect("chmod");
+    run(env
+        .narpost()
+        .env("NARPOST_TOKEN_FILE", &token)
+        .args(["push", "--to", &nginx.url(), "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    nginx.cache().assert_complete();
+    // Nix itself cannot send the token; the files are what count.
+    let copy = env.path().join("copy");
+    copy_dir(&nginx.root, &copy);
+    assert_substitutes(&env, &format!("file://{}", copy.display()), &public, &[top]);
+}
+
+#[test]
+fn embedded_default_generates_a_key_and_pushes_to_the_state_dir() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let out = run(env.narpost().args(["push"]).arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    let state = env.state();
+    let sec = state.join("signing.sec");
+    let public = fs::read_to_string(state.join("signing.pub")).expect("public key written");
+    let public = public.trim();
+    assert_eq!(
+        fs::metadata(&sec)
+            .expect("secret key written")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(text.contains(public), "the public key is printed: {text}");
+    let host = public.split(':').next().unwrap_or_default();
+    assert!(host.ends_with("-1"), "{public}");
+    let url = format!("file://{}", state.join("cache").display());
+    CacheDir::new(state.join("cache")).assert_complete();
+    assert_substitutes(&env, &url, public, &outs);
+
+    // The key is reused, not regenerated.
+    let before = fs::read(&sec).expect("read key");
+    run(env.narpost().args(["push"]).arg(top.to_absolute()));
+    assert_eq!(fs::read(&sec).expect("read key"), before);
+}
+
+#[test]
+fn corrupted_store_path_is_refused_with_its_referrers() {
+    let env = Env::new();
+    let expr = format!(
+        r#"{prelude}rec {{
+  victim = mk "narpost-t-victim" ''
+    mkdir -p $out && echo original > $out/data
+  '';
+  user = mk "narpost-t-user" ''
+    mkdir -p $out && echo ${{victim}} > $out/ref
+  '';
+  bystander = mk "narpost-t-bystander" ''
+    echo fine > $out
+  '';
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let file = env.write_nix("corrupt.nix", &expr);
+    let outs = nix_build(&file, &["victim", "user", "bystander"], &[]);
+    let (victim, user, bystander) = (&outs[0], &outs[1], &outs[2]);
+    corrupt_store_file(
+        &std::path::Path::new(&victim.to_absolute()).join("data"),
+        b"tampered\n",
+    );
+
+    let (key, _) = env.keygen("corrupt-1");
+    let cache = env.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let out = env
+        .narpost()
+        .args(["push", "--to", &url, "--key"])
+        .arg(&key)
+        .arg(user.to_absolute())
+        .arg(bystander.to_absolute())
+        .output()
+        .expect("run narpost");
+    let text = stdout(&out) + &stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&victim.to_absolute()), "{text}");
+    assert!(
+        text.contains("NarHash") || text.contains("does not match"),
+        "{text}"
+    );
+    assert!(text.contains("nix-store --verify-path"), "{text}");
+    let dir = CacheDir::new(&cache);
+    assert!(!dir.has(victim), "the corrupt path was published");
+    assert!(
+        !dir.has(user),
+        "a path referencing the corrupt one was published"
+    );
+    assert!(
+        dir.has(bystander),
+        "an unrelated path was not pushed: {text}"
+    );
+    dir.assert_complete();
+}
+
+/// Runs narpost expecting failure; returns stderr.
+fn failing(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run narpost");
+    assert!(!out.status.success(), "expected failure: {cmd:?}");
+    stderr(&out)
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let env = Env::new();
+    let (top, _) = build_rich_closure(&env);
+    let cache = format!("file://{}", env.path().join("cache").display());
+    let top_abs = top.to_absolute();
+
+    // Missing key file.
+    let missing = env.path().join("nope.sec");
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", &cache, "--key"])
+            .arg(&missing)
+            .arg(&top_abs),
+    );
+    assert!(err.starts_with("narpost: "), "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(err.contains("keygen"), "hint says how to make one: {err}");
+
+    // A key readable by others.
+    let (key, _) = env.keygen("loose-1");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", &cache, "--key"])
+            .arg(&key)
+            .arg(&top_abs),
+    );
+    assert!(err.contains(&key.display().to_string()), "{err}");
+    assert!(
+        err.contains("chmod 600") || err.contains("chmod 0600"),
+        "{err}"
+    );
+
+    // A malformed key.
+    let bad = env.path().join("bad.sec");
+    fs::write(&bad, "not a key\n").expect("write");
+    fs::set_permissions(&bad, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", &cache, "--key"])
+            .arg(&bad)
+            .arg(&top_abs),
+    );
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+
+    let (key, _) = env.keygen("good-1");
+    // A path that is not in the store, and one that is not a store path at all.
+    let absent = "/nix/store/00000000000000000000000000000000-narpost-absent";
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", &cache, "--key"])
+            .arg(&key)
+            .arg(absent),
+    );
+    assert!(err.contains(absent), "{err}");
+    assert!(err.contains("not"), "{err}");
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", &cache, "--key"])
+            .arg(&key)
+            .arg("/nix/store/short-name"),
+    );
+    assert!(err.contains("/nix/store/short-name"), "{err}");
+
+    // Nothing listens: unreachable, named, and nothing hangs.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let err = failing(
+        env.narpost()
+            .env("NARPOST_HTTP_TIMEOUT", "3")
+            .args(["push", "--to", &url, "--key"])
+            .arg(&key)
+            .arg(&top_abs),
+    );
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    for e in [&err] {
+        assert!(
+            e.lines().filter(|l| l.starts_with("narpost: ")).count() == 1,
+            "one error line: {e}"
+        );
+    }
+
+    // An unsupported URL.
+    let err = failing(
+        env.narpost()
+            .args(["push", "--to", "ftp://cache", "--key"])
+            .arg(&key)
+            .arg(&top_abs),
+    );
+    assert!(err.contains("ftp://cache"), "{err}");
+}
+
+/// A server that answers every request with the same canned response, recording nothing.
+fn canned_server(response: &'static [u8], hang: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let _ = stream.read(&mut buf);
+                if hang {
+                    std::thread::sleep(Duration::from_secs(60));
+                    return;
+                }
+                let _ = stream.write_all(response);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_cache_answering_garbage_is_refused_and_gets_nothing() {
+    let env = Env::new();
+    let (top, _) = build_rich_closure(&env);
+    let (key, _) = env.keygen("garbage-1");
+
+    // 200 with an HTML page for everything: not a binary cache.
+    let html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 27\r\nConnection: close\r\n\r\n<html>Welcome! Login</html>";
+    let port = canned_server(html, false);
+    let url = format!("http://127.0.0.1:{port}");
+    let err = failing(
+        env.narpost()
+            .env("NARPOST_HTTP_TIMEOUT", "3")
+            .args(["push", "--to", &url, "--key"])
+            .arg(&key)
+            .arg(top.to_absolute()),
+    );
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("binary cache"), "{err}");
+
+    // A hung server: an error after the timeout, not a stuck push.
+    let port = canned_server(b"", true);
+    let url = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let err = failing(
+        env.narpost()
+            .env("NARPOST_HTTP_TIMEOUT", "2")
+            .args(["push", "--to", &url, "--key"])
+            .arg(&key)
+            .arg(top.to_absolute()),
+    );
+    assert!(started.elapsed() < Duration::from_secs(50), "push hung");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains("timed out") || err.contains("no answer"),
+        "{err}"
+    );
+
+    // A real cache root that answers 200 to HEAD for every narinfo would make narpost skip
+    // uploads; it is refused before anything is skipped.
+    let all_ok = b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\nConnection: close\r\n\r\nStoreDir: /nix/store\n\n\n\n\n";
+    let port = canned_server(all_ok, false);
+    let url = format!("http://127.0.0.1:{port}");
+    let err = failing(
+        env.narpost()
+            .env("NARPOST_HTTP_TIMEOUT", "3")
+            .args(["push", "--to", &url, "--key"])
+            .arg(&key)
+            .arg(top.to_absolute()),
+    );
+    assert!(err.contains("200"), "{err}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("read dir").flatten() {
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            fs::copy(e.path(), dest).expect("copy");
+        }
+    }
+}
