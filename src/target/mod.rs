@@ -192,7 +192,11 @@ pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError
     }
     if url.starts_with("attic+http://") || url.starts_with("attic+https://") {
         let token = cfg.token().map_err(config_err)?;
-        return Ok(Arc::new(attic::AtticTarget::new(url, token)?));
+        return Ok(Arc::new(attic::AtticTarget::new(
+            url,
+            token,
+            cfg.http_timeout,
+        )?));
     }
     Err(TargetError::permanent(format!(
         "{url}: unsupported cache URL"

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Push benchmark: narpost against `nix copy` and the raw `nix-store --dump | zstd` pipes.
+
+Rows (every command at zstd level 3, every cache a fresh file:// directory, medians of
+--runs runs, all in the same run so that ratios compare like with like):
+
+  big closure   ~2 GiB of mixed real files copied out of the host into a closure of six
+                store paths (the sandbox is off, so derivations can read /usr)
+                - narpost push            (default --jobs: the number of cores)
+                - nix copy                (file://...?compression=zstd)
+                - raw pipe                (`nix-store --dump P | zstd -3` path by path)
+                - 2-core limit            (`nix-store --dump` of every path into one `zstd -3 -T2`)
+  tiny paths    1,000 store paths of one small file each
+                - narpost push, nix copy
+
+Peak RSS is each command's maximum resident set (of the process tree, from wait4).
+Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+NIX_ENV = dict(
+    os.environ,
+    NIX_CONFIG="substituters =\nexperimental-features = nix-command\nsandbox = false\n",
+)
+
+BIG_DIRS = [
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/share",
+    "/usr/lib/jvm",
+    "/usr/lib/llvm-14",
+    "/usr/include",
+    "/usr/lib/gcc",
+    "/usr/bin",
+]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, env=NIX_ENV, **kw)
+
+
+def timed(argv, shell=False):
+    """Runs a command; returns (seconds, peak RSS in KiB)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, shell=shell, env=NIX_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: command failed ({status}): {argv}")
+    return elapsed, usage.ru_maxrss
+
+
+def build_big(work, nonce):
+    dirs = [d for d in BIG_DIRS if os.path.isdir(d)]
+    parts = []
+    for i, d in enumerate(dirs):
+        parts.append(
+            f'p{i} = mk "narpost-bench-part{i}" "mkdir -p $out && cp -r --no-preserve=all {d} $out/ 2>/dev/null; true";'
+        )
+    refs = " ".join(f"${{p{i}}}" for i in range(len(dirs)))
+    expr = f"""
+let
+  mk = name: script: builtins.derivation {{
+    inherit name; nonce = "{nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+    PATH = "/bin:/usr/bin"; args = [ "-c" script ];
+  }};
+in rec {{
+  {' '.join(parts)}
+  top = mk "narpost-bench-top" "mkdir -p $out && echo {refs} > $out/refs";
+}}
+"""
+    path = os.path.join(work, "big.nix")
+    with open(path, "w") as f:
+        f.write(expr)
+    out = sh(["nix-build", path, "-A", "top", "--no-out-link"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def build_tiny(work, nonce, count):
+    src = os.path.join(work, "tiny")
+    os.makedirs(src)
+    files = []
+    for i in range(count):
+        p = os.path.join(src, f"narpost-bench-tiny-{i}")
+        with open(p, "w") as f:
+            f.write(f"tiny path {i} {nonce}\n")
+        files.append(p)
+    out = sh(["nix-store", "--add", *files], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def closure(paths):
+    out = sh(["nix-store", "-qR", *paths], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def nar_size(paths):
+    out = sh(["nix", "path-info", "-S", *paths[:1]], capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+def human(n):
+    for unit in ["B", "KiB", "MiB", "GiB"]:
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def median_run(runs, make_cmd, scratch):
+    times, rss = [], []
+    for _ in range(runs):
+        dest = tempfile.mkdtemp(prefix="dest-", dir=scratch)
+        argv, shell = make_cmd(dest)
+        t, m = timed(argv, shell)
+        times.append(t)
+        rss.append(m)
+        shutil.rmtree(dest, ignore_errors=True)
+    return statistics.median(times), max(rss)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--narpost", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "narpost"))
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--tiny-count", type=int, default=1000)
+    args = ap.parse_args()
+    narpost = os.path.abspath(args.narpost)
+    for tool in ["nix-build", "nix-store", "nix", "zstd"]:
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} not found; run scripts/install-deps")
+    if not os.access(narpost, os.X_OK):
+        sys.exit(f"bench: {narpost}: not built; run cargo build --release")
+
+    scratch = tempfile.mkdtemp(prefix="narpost-bench-")
+    nonce = str(time.time_ns())
+    keydir = os.path.join(scratch, "keys")
+    sh([narpost, "keygen", "bench-1", "--out", keydir], capture_output=True)
+    key = os.path.join(keydir, "bench-1.sec")
+    state = os.path.join(scratch, "state")
+    rows = []
+
+    def narpost_cmd(paths, extra=()):
+        return lambda dest: (
+            [narpost, "--state-dir", state, "push", "--to", f"file://{dest}", "--key", key, *extra, *paths],
+            False,
+        )
+
+    def nix_copy_cmd(paths):
+        return lambda dest: (
+            ["nix", "copy", "--to", f"file://{dest}?compression=zstd&secret-key={key}", *paths],
+            False,
+        )
+
+    try:
+        if not args.skip_big:
+            top = build_big(scratch, nonce)
+            paths = closure([top])
+            size = sum(nar_size([p]) for p in paths)
+            quoted = " ".join(paths)
+            group = f"big closure ({len(paths)} paths, {human(size)} NAR)"
+            n_t, n_m = median_run(args.runs, narpost_cmd([top]), scratch)
+            c_t, c_m = median_run(args.runs, nix_copy_cmd([top]), scratch)
+            r_t, r_m = median_run(
+                args.runs,
+                lambda dest: (f"for p in {quoted}; do nix-store --dump $p | zstd -q -3 > {dest}/$(basename $p).nar.zst; done", True),
+                scratch,
+            )
+            l_t, l_m = median_run(
+                args.runs,
+                lambda dest: (f"for p in {quoted}; do nix-store --dump $p; done | zstd -q -3 -T2 > {dest}/all.nar.zst", True),
+                scratch,
+            )
+            rows.append((group, "narpost push", n_t, n_m, size))
+            rows.append((group, "nix copy", c_t, c_m, size))
+            rows.append((group, "nix-store --dump | zstd -3 (per path)", r_t, r_m, size))
+            rows.append((group, "nix-store --dump | zstd -3 -T2 (2-core limit)", l_t, l_m, size))
+        if not args.skip_tiny:
+            tiny = build_tiny(scratch, nonce, args.tiny_count)
+            size = sum(nar_size([p]) for p in tiny[:1]) * len(tiny)
+            group = f"tiny paths ({len(tiny)} paths)"
+            n_t, n_m = median_run(args.runs, narpost_cmd(tiny, ["--no-closure"]), scratch)
+            c_t, c_m = median_run(args.runs, nix_copy_cmd(tiny), scratch)
+            rows.append((group, "narpost push", n_t, n_m, size))
+            rows.append((group, "nix copy", c_t, c_m, size))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"{'workload':<34} {'command':<46} {'median s':>9} {'MB/s':>8} {'peak RSS':>10} {'vs narpost':>10}")
+    base = {}
+    for group, name, t, rss, size in rows:
+        if name == "narpost push":
+            base[group] = t
+    for group, name, t, rss, size in rows:
+        ratio = t / base[group] if group in base else float("nan")
+        print(
+            f"{group:<34} {name:<46} {t:>9.2f} {size / t / 1e6:>8.0f} {rss / 1024:>7.0f} MiB {ratio:>9.2f}x"
+        )
+    print("(vs narpost: the command's time divided by narpost's; above 1 means narpost is faster)")
+
+
+if __name__ == "__main__":
+    main()
