@@ -7,6 +7,7 @@
 //! - [`dump`]: serializes a store path on disk into a NAR through [`format::nar`].
 //! - [`store`]: path metadata and closures from the local Nix store's database.
 //! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3 and Attic implementations.
+//! - [`compress`]: zstd in frames whose worker count follows the other compressions running.
 //! - [`pipeline`]: the one upload pipeline: plan (closure, missing, order), then execute.
 //! - [`config`]: file < environment < flags, resolved into one [`config::Config`]; embedded defaults.
 //! - [`keys`]: loading the signing key, generating the embedded default key.
@@ -20,6 +21,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod compress;
 pub mod config;
 pub mod daemon;
 pub mod dump;

@@ -35,6 +35,7 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::compress::FramedZstd;
 use crate::dump::{self, NarSource};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
@@ -44,10 +45,6 @@ use crate::store::{self, PathInfo, Store, StoreError};
 use crate::target::{
     DynTarget, ErrorKind, NarBody, NarFormat, PreparedNar, SpooledNar, TargetError,
 };
-
-/// NARs at least this large are compressed with zstd's worker threads; below it, the
-/// thread hand-off costs more than it saves, and small paths already run in parallel.
-const MULTITHREAD_MIN_NAR: u64 = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -716,15 +713,7 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
     let file = tmp.reopen().map_err(spool_err)?;
 
     let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let mut encoder = zstd::Encoder::new(compressed, level).map_err(spool_err)?;
-    if info.nar_size >= MULTITHREAD_MIN_NAR {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(2);
-        // Falls back to single-threaded when the library lacks worker support.
-        let _ = encoder.multithread(threads);
-    }
-    let _ = encoder.include_checksum(false);
+    let encoder = FramedZstd::new(compressed, level, info.nar_size).map_err(spool_err)?;
     let nar = HashingWriter::new(encoder);
     let nar = dump::dump_path(Path::new(&abs), nar).map_err(|e| {
         fail(
