@@ -24,6 +24,14 @@
 //! and paths signed by one of its `upstream_cache_key_names` (e.g. `cache.nixos.org-1`) are
 //! reported present, since the server treats them as available upstream.
 //!
+//! # Timeouts
+//!
+//! A hung server must become an error, never a stuck upload, yet a large NAR on a slow link
+//! legitimately takes hours. So API calls get the timeout (the `http-timeout` setting) as a
+//! total, while an upload fails only when the connection has taken no new NAR bytes for that
+//! long, or when, after the last byte, no answer comes within [`ANSWER_TIMEOUT_FACTOR`] times
+//! it (the server still hashes, compresses and stores the end of the NAR before answering).
+//!
 //! # Errors
 //!
 //! Attic answers errors as JSON `{"code", "error", "message"}`. 401 (bad or expired token)
@@ -34,12 +42,13 @@
 //! path no longer matches its recorded hash), the error says so and is permanent.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
@@ -47,15 +56,17 @@ use serde::{Deserialize, Serialize};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::nixbase32;
-use crate::format::store_path::StorePath;
+use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
 
 /// At this size the metadata moves from the header into the body, as Attic's client does.
 pub const PREAMBLE_THRESHOLD: usize = 4 * 1024;
 /// Store path hashes per `get-missing-paths` request, to keep each request body modest.
 const MISSING_BATCH: usize = 1_000;
-/// Timeout for the small API calls; uploads have none, since a large NAR takes what it takes.
-const API_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may make no progress unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once the whole NAR is sent, the answer may take this many timeouts (see the module doc).
+pub const ANSWER_TIMEOUT_FACTOR: u32 = 5;
 
 const NAR_INFO_HEADER: &str = "X-Attic-Nar-Info";
 const PREAMBLE_SIZE_HEADER: &str = "X-Attic-Nar-Info-Preamble-Size";
@@ -69,6 +80,10 @@ pub struct AtticTarget {
     cache: String,
     /// The URL as given, for messages (it never contains the token).
     url: String,
+    /// Whether a token is configured, so a 401 can say which problem it is.
+    has_token: bool,
+    /// How long a request may make no progress.
+    timeout: Duration,
     /// Filled by `open`.
     config: OnceLock<OpenedCache>,
 }
@@ -77,6 +92,42 @@ struct OpenedCache {
     /// Where API calls go: the server's `api_endpoint` if it named one.
     api: Url,
     upstream_key_names: Vec<String>,
+}
+
+/// When an upload last made progress, and whether its body is complete.
+struct Progress {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+    finished: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        self.touch();
+        self.finished.store(true, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
 }
 
 /// The metadata of one upload, with Attic's field names and types.
@@ -100,6 +151,7 @@ struct UploadPathNarInfo<'a> {
 struct CacheConfig {
     api_endpoint: Option<String>,
     upstream_cache_key_names: Option<Vec<String>>,
+    store_dir: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,9 +178,11 @@ struct ApiError {
 
 impl AtticTarget {
     /// `url` is `attic+http(s)://host[:port][/prefix]/<cache>`; `token` is the Attic token
-    /// (`None` for a server that lets anyone push, which is rare).
-    pub fn new(url: &str, token: Option<String>) -> Result<Self, TargetError> {
+    /// (`None` for a server that lets anyone push, which is rare); `timeout` is how long a
+    /// request may make no progress (see the module doc).
+    pub fn new(url: &str, token: Option<String>, timeout: Duration) -> Result<Self, TargetError> {
         let (server, cache) = parse_url(url)?;
+        let has_token = token.is_some();
         let mut headers = HeaderMap::new();
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(&format!("bearer {}", token.trim()))
@@ -144,7 +198,7 @@ impl AtticTarget {
         let client = Client::builder()
             .user_agent(concat!("narpost/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
             .tcp_keepalive(Duration::from_secs(30))
             .build()
             .map_err(|e| {
@@ -155,6 +209,8 @@ impl AtticTarget {
             server,
             cache,
             url: url.to_string(),
+            has_token,
+            timeout,
             config: OnceLock::new(),
         })
     }
@@ -182,6 +238,15 @@ impl AtticTarget {
                 "{server}: unreadable answer while {action}: {detail}"
             ));
         }
+        if err.is_timeout() {
+            return TargetError::transient(format!(
+                "{server}: timed out after {}s while {action}",
+                self.timeout.as_secs()
+            ))
+            .with_hint(format!(
+                "check that the Attic server at {server} is healthy; http-timeout sets how long to wait"
+            ));
+        }
         TargetError::transient(format!(
             "{server}: cannot reach the server while {action}: {detail}"
         ))
@@ -205,12 +270,22 @@ impl AtticTarget {
             (true, true) => status.to_string(),
         };
         match status {
-            StatusCode::UNAUTHORIZED => {
-                TargetError::auth(format!("bad or expired token for {server}")).with_hint(
-                    "get a new token from the server's admin (atticadm make-token) with push \
-                     permission on the cache, and configure narpost with it",
-                )
-            }
+            StatusCode::UNAUTHORIZED if !self.has_token => TargetError::auth(format!(
+                "{server} wants a token for cache {cache}, and none is configured"
+            ))
+            .with_hint(
+                "set token-file in the config file, NARPOST_TOKEN_FILE, or NARPOST_TOKEN to an \
+                 Attic token with push permission on the cache",
+            ),
+            // Attic answers 401 also for a cache the token may not see at all.
+            StatusCode::UNAUTHORIZED => TargetError::auth(format!(
+                "bad or expired token for {server}, or it may not see cache {cache}"
+            ))
+            .with_hint(format!(
+                "get a token with push permission on {cache} from the server's admin \
+                 (atticadm make-token --push {cache}) and set it in token-file, \
+                 NARPOST_TOKEN_FILE or NARPOST_TOKEN"
+            )),
             StatusCode::FORBIDDEN => TargetError::auth(format!(
                 "token has no push permission on cache {cache} ({server})"
             ))
@@ -238,6 +313,46 @@ impl AtticTarget {
         }
     }
 
+    /// Drives an upload and fails it when it stalls (see the module doc).
+    async fn watch(
+        &self,
+        send: impl Future<Output = Result<reqwest::Response, reqwest::Error>>,
+        progress: &Progress,
+        action: &str,
+    ) -> Result<reqwest::Response, TargetError> {
+        tokio::pin!(send);
+        loop {
+            let limit = if progress.finished() {
+                self.timeout * ANSWER_TIMEOUT_FACTOR
+            } else {
+                self.timeout
+            };
+            let deadline = progress.last() + limit;
+            tokio::select! {
+                result = &mut send => return result.map_err(|e| self.request_error(&e, action)),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if progress.last() + limit > Instant::now() {
+                        continue;
+                    }
+                    let what = if progress.finished() {
+                        "the whole NAR was sent, but no answer came"
+                    } else {
+                        "the server stopped taking the NAR"
+                    };
+                    return Err(TargetError::transient(format!(
+                        "{}: timed out while {action}: {what} for {}s",
+                        self.server_name(),
+                        limit.as_secs()
+                    ))
+                    .with_hint(format!(
+                        "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
+                        self.server_name()
+                    )));
+                }
+            }
+        }
+    }
+
     async fn missing_batch(&self, hashes: Vec<&str>) -> Result<Vec<String>, TargetError> {
         let action = "asking which paths are missing";
         let request = MissingPathsRequest {
@@ -251,7 +366,7 @@ impl AtticTarget {
             .client
             .post(self.endpoint("_api/v1/get-missing-paths")?)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(API_TIMEOUT)
+            .timeout(self.timeout)
             .body(body)
             .send()
             .await
@@ -288,7 +403,7 @@ impl Target for AtticTarget {
         let response = self
             .client
             .get(self.endpoint(&format!("_api/v1/cache-config/{}", self.cache))?)
-            .timeout(API_TIMEOUT)
+            .timeout(self.timeout)
             .send()
             .await
             .map_err(|e| self.request_error(&e, &action))?;
@@ -307,6 +422,15 @@ impl Target for AtticTarget {
             ))
             .with_hint("check that the URL points at an Attic server")
         })?;
+        if let Some(dir) = config.store_dir.as_deref()
+            && dir.trim_end_matches('/') != STORE_DIR
+        {
+            return Err(TargetError::permanent(format!(
+                "{}: cache {} is for store {dir}, not {STORE_DIR}",
+                self.server_name(),
+                self.cache
+            )));
+        }
         let api = match config.api_endpoint.as_deref() {
             Some(endpoint) => with_trailing_slash(endpoint).map_err(|e| {
                 TargetError::permanent(format!(
@@ -397,11 +521,25 @@ impl Target for AtticTarget {
         // is kept here, so the error names the path rather than a broken connection.
         let local_failure: Arc<Mutex<Option<String>>> = Arc::default();
         let recorder = Arc::clone(&local_failure);
-        let nar_stream = source.stream().inspect_err(move |e| {
-            if let Ok(mut slot) = recorder.lock() {
-                slot.get_or_insert_with(|| e.to_string());
-            }
-        });
+        let progress = Arc::new(Progress::new());
+        let touch = Arc::clone(&progress);
+        let finished = Arc::clone(&progress);
+        let nar_stream = source
+            .stream()
+            .inspect(move |chunk| match chunk {
+                // The body is pulled as the connection takes it: each chunk is progress.
+                Ok(_) => touch.touch(),
+                Err(e) => {
+                    if let Ok(mut slot) = recorder.lock() {
+                        slot.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            })
+            .chain(futures::stream::poll_fn(move |_| {
+                // Runs once, after the last chunk: from here on the answer is awaited.
+                finished.finish();
+                std::task::Poll::Ready(None)
+            }));
 
         let header_value = (json.len() < PREAMBLE_THRESHOLD)
             .then(|| HeaderValue::from_str(&json).ok())
@@ -431,7 +569,7 @@ impl Target for AtticTarget {
         // A declared length lets proxies and the server check the body is complete.
         request = request.header(CONTENT_LENGTH, body_len);
 
-        let sent = request.send().await;
+        let sent = self.watch(request.send(), &progress, &action).await;
         let local = local_failure.lock().ok().and_then(|mut slot| slot.take());
         if let Some(reason) = local {
             return Err(TargetError::permanent(format!(
@@ -443,7 +581,7 @@ impl Target for AtticTarget {
                 path.to_absolute()
             )));
         }
-        let response = sent.map_err(|e| self.request_error(&e, &action))?;
+        let response = sent?;
         if !response.status().is_success() {
             return Err(self.answer_error(response, &action).await);
         }
@@ -489,11 +627,12 @@ fn parse_url(input: &str) -> Result<(Url, String), TargetError> {
     let cache = segments
         .pop()
         .ok_or_else(|| bad("no cache name after the server address"))?;
-    if !cache
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        || cache.starts_with('.')
-    {
+    // Attic's own rule for cache names.
+    let mut chars = cache.chars();
+    let valid = cache.len() <= 50
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+'));
+    if !valid {
         return Err(bad(&format!("{cache:?} is not a valid Attic cache name")));
     }
     let mut base = segments.join("/");
@@ -527,4 +666,65 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or("").trim();
     line.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ErrorKind;
+    use super::*;
+
+    #[test]
+    fn url_names_the_server_and_the_cache() {
+        let (server, cache) = parse_url("attic+http://127.0.0.1:8080/main").unwrap();
+        assert_eq!(
+            (server.as_str(), cache.as_str()),
+            ("http://127.0.0.1:8080/", "main")
+        );
+        let (server, cache) = parse_url("attic+https://example.org/attic/ci-cache_2+x/").unwrap();
+        assert_eq!(
+            (server.as_str(), cache.as_str()),
+            ("https://example.org/attic/", "ci-cache_2+x")
+        );
+    }
+
+    #[test]
+    fn rejects_what_attic_would_not_call_a_cache() {
+        for bad in [
+            "http://host/main",
+            "attic+ftp://host/main",
+            "attic+http://host",
+            "attic+http://host/",
+            "attic+http://user:token@host/main",
+            "attic+http://host/main?x=1",
+            "attic+http://host/-main",
+            "attic+http://host/a.b",
+            &format!("attic+http://host/{}", "a".repeat(51)),
+        ] {
+            let err = parse_url(bad).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Permanent, "{bad}");
+            assert!(err.message.starts_with(bad), "{bad}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn upload_metadata_has_attic_field_names_and_types() {
+        let sigs = vec!["k-1:c2ln".to_string()];
+        let meta = UploadPathNarInfo {
+            cache: "main",
+            store_path_hash: "0123456789abcdfghijklmnpqrsvwxyz",
+            store_path: "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x".to_string(),
+            references: vec!["0123456789abcdfghijklmnpqrsvwxyz-x"],
+            system: None,
+            deriver: None,
+            sigs: &sigs,
+            ca: None,
+            nar_hash: format!("sha256:{}", "ab".repeat(32)),
+            nar_size: 42,
+        };
+        let value = serde_json::to_value(&meta).unwrap();
+        assert_eq!(value["nar_size"], 42);
+        assert_eq!(value["system"], serde_json::Value::Null);
+        assert_eq!(value["references"][0], "0123456789abcdfghijklmnpqrsvwxyz-x");
+        assert_eq!(value.as_object().unwrap().len(), 10);
+    }
 }

@@ -31,6 +31,11 @@
 //! upload whose parts are read from the spooled file one at a time (memory stays at a few
 //! parts whatever the NAR's size); S3 only makes an object visible when the upload is
 //! completed, and any failure aborts it, so no partial object ever exists under a real key.
+//! (A crash leaves the parts stored but invisible; a bucket lifecycle rule removes them.)
+//!
+//! Before writing `nix-cache-info` into a new cache, the bucket is listed once: some
+//! S3-compatible servers answer a read in a missing bucket as if only the key were missing
+//! and create the bucket on the first write, which would turn a typo into a new cache.
 //!
 //! # Errors and retries
 //!
@@ -276,7 +281,7 @@ impl S3Target {
             (
                 _,
                 "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"
-                | "TokenRefreshRequired" | "AuthorizationHeaderMalformed",
+                | "TokenRefreshRequired" | "AuthorizationHeaderMalformed" | "NotSignedUp",
             )
             | (Some(401), _) => TargetError::auth(format!(
                 "{cache}: the server rejected the credentials ({code_note}) while {action}"
@@ -381,6 +386,28 @@ impl S3Target {
         result
     }
 
+    /// Before the first write into a cache: some S3-compatible servers answer a GET in a
+    /// missing bucket with `NoSuchKey` and create the bucket on the first PUT, so a typo in
+    /// the bucket name would quietly start a new cache. A listing names a missing bucket
+    /// everywhere. Without permission to list, there is no telling, and the push goes on.
+    async fn check_bucket_exists(&self) -> Result<(), TargetError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let first = self.meta.list(prefix.as_ref()).next().await;
+        let Some(Err(err)) = first else {
+            return Ok(());
+        };
+        let failure = Failure::inspect(&err);
+        if failure.code.as_deref() == Some("NoSuchBucket") || failure.transport.is_some() {
+            return Err(self.error(&err, "listing the bucket"));
+        }
+        tracing::debug!(
+            "{}: cannot list the bucket to check it exists: {}",
+            self.display(),
+            redact(&err.to_string())
+        );
+        Ok(())
+    }
+
     /// `Some(path)` when the cache has no narinfo for it.
     async fn narinfo_missing(&self, path: StorePath) -> Result<Option<StorePath>, TargetError> {
         let key = self.key(&format!("{}.narinfo", path.hash_part()));
@@ -470,6 +497,7 @@ impl Target for S3Target {
                 if !missing_key {
                     return Err(self.error(&err, action));
                 }
+                self.check_bucket_exists().await?;
                 let info = format!("StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 40\n");
                 self.put_small(
                     &key,

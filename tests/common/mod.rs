@@ -597,3 +597,123 @@ pub fn corrupt_store_file(file: &Path, new_contents: &[u8]) {
     fs::set_permissions(file, fs::Permissions::from_mode(0o444)).expect("restore mode");
     fs::set_permissions(parent, fs::Permissions::from_mode(0o555)).expect("restore mode");
 }
+
+// ---------------------------------------------------------------------------------------
+// Long-running narpost processes (`daemon`, `watch-store`): started in the background with
+// their output in a file, stopped with SIGTERM as systemd or a CI runner would stop them.
+
+/// A process running in the background; killed if the test ends without stopping it.
+pub struct Background {
+    child: Option<Child>,
+    log: PathBuf,
+    what: String,
+}
+
+impl Background {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(cmd: &mut Command, log: &Path, what: &str) -> Background {
+        let out = fs::File::create(log).expect("create a log file");
+        let err = out.try_clone().expect("clone the log file handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Background {
+            child: Some(child),
+            log: log.to_path_buf(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its output contains `needle`; panics (with the output) if it exits first
+    /// or `timeout` passes.
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.output().contains(needle) {
+                return;
+            }
+            self.assert_running();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not print {needle:?} within {timeout:?}; output:\n{}",
+            self.what,
+            self.output()
+        );
+    }
+
+    /// Panics with its output if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!(
+                "{} exited early ({status}); output:\n{}",
+                self.what,
+                self.output()
+            );
+        }
+    }
+
+    /// Its exit status and output if it has exited (then it is no longer running).
+    pub fn try_finish(&mut self) -> Option<(std::process::ExitStatus, String)> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some((status, self.output()))
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for it to exit; returns its exit status and
+    /// output. Panics (after killing it) if it does not exit in time.
+    pub fn terminate(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("the process is running");
+        let pid = rustix::process::Pid::from_child(&child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (status, self.output());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within {timeout:?} of SIGTERM; output:\n{}",
+                    self.what,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The queue depth `narpost status --json` reports for `env`'s state directory.
+pub fn queue_depth(env: &Env, config: &Path) -> u64 {
+    let out = run(env
+        .narpost()
+        .arg("--config")
+        .arg(config)
+        .args(["status", "--json"]));
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    status["queue_depth"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no queue_depth in {status}"))
+}

@@ -1,0 +1,647 @@
+//! The S3 target end to end, against a real S3 server that checks SigV4 signatures: s3s-fs
+//! (installed by `scripts/install-s3s-fs`), started by each test on 127.0.0.1 with its own
+//! access key and secret. s3s-fs keeps each object as a plain file at `<root>/<bucket>/<key>`,
+//! so the bucket directory is a binary cache a fresh Nix store can substitute from with
+//! `file://` (Debian's Nix 2.8 is built without S3 support), and that the cache-completeness
+//! checker can read.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use narpost::format::hash::Sha256;
+use narpost::format::nixbase32;
+use narpost::format::store_path::StorePath;
+
+const ACCESS_KEY: &str = "narpost-test-access";
+const SECRET_KEY: &str = "narpost-test-secret-9f3c1e";
+const BUCKET: &str = "cache";
+/// Bigger than narpost's multipart threshold even after zstd, since it is random.
+const BIG_BYTES: u64 = 110_000_000;
+
+/// The s3s-fs binary: on PATH (scripts/test puts target/tools/bin there) or where
+/// scripts/install-s3s-fs puts it.
+fn s3s_fs() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("s3s-fs"))
+            .find(|p| p.is_file())
+    });
+    let installed = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/s3s-fs");
+    on_path
+        .or_else(|| installed.is_file().then_some(installed))
+        .unwrap_or_else(|| {
+            panic!(
+                "s3s-fs is not installed: the S3 tests need a real S3 server; run scripts/install-s3s-fs \
+                 (it builds s3s-fs into target/tools/bin, which scripts/test puts on PATH)"
+            )
+        })
+}
+
+/// A real S3 server (s3s-fs) on 127.0.0.1 serving `root`, with one bucket, `cache`.
+struct S3Server {
+    root: PathBuf,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    fn start(scratch: &Path) -> S3Server {
+        let root = scratch.join("s3");
+        fs::create_dir_all(root.join(BUCKET)).expect("create the bucket directory");
+        let mut server = S3Server {
+            root,
+            port: free_port(),
+            log: scratch.join("s3s-fs.log"),
+            child: None,
+        };
+        server.resume();
+        server
+    }
+
+    /// Starts the server (again) on the same port and directory.
+    fn resume(&mut self) {
+        assert!(self.child.is_none(), "s3s-fs is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the s3s-fs log");
+        let err = log.try_clone().expect("clone the log handle");
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// SIGKILL: the server disappears mid-request, as in a crash or power loss.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        s3_url(BUCKET, &self.endpoint())
+    }
+
+    fn bucket_dir(&self) -> PathBuf {
+        self.root.join(BUCKET)
+    }
+
+    fn cache(&self) -> CacheDir {
+        CacheDir::new(self.bucket_dir())
+    }
+
+    fn file_url(&self) -> String {
+        format!("file://{}", self.bucket_dir().display())
+    }
+
+    /// What s3s-fs recorded about an object of the bucket (`metadata` or `internal`).
+    fn object_record(&self, key: &str, kind: &str) -> serde_json::Value {
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let file = self.root.join(format!(
+            ".bucket-{}.object-{}.{kind}.json",
+            enc(BUCKET),
+            enc(key)
+        ));
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("no s3s-fs {kind} record for {key}: {e}"));
+        serde_json::from_str(&text).expect("s3s-fs records are JSON")
+    }
+
+    /// Multipart parts that have fully arrived at the server (written and renamed).
+    fn landed_parts(&self) -> usize {
+        fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.starts_with(".upload_id-") && name.contains(".part-")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn s3_url(bucket: &str, endpoint: &str) -> String {
+    format!("s3://{bucket}?region=us-east-1&endpoint={endpoint}")
+}
+
+/// `cmd` with AWS credentials in the standard environment variables, and nothing else from
+/// this machine's AWS setup.
+fn aws_env<'a>(cmd: &'a mut Command, env: &Env, key: &str, secret: &str) -> &'a mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            env.path().join("no-aws-credentials"),
+        )
+        .env("AWS_CONFIG_FILE", env.path().join("no-aws-config"))
+}
+
+/// A store path of 110 MB of random bytes, built once per test binary.
+fn big_path() -> StorePath {
+    static BIG: OnceLock<StorePath> = OnceLock::new();
+    BIG.get_or_init(|| {
+        let env = Env::new();
+        let expr = format!(
+            "{}mk \"narpost-s3-big\" \"mkdir $out && head -c {BIG_BYTES} /dev/urandom > $out/blob\"\n",
+            nix_prelude(&nonce())
+        );
+        let file = env.write_nix("big.nix", &expr);
+        let outs = nix_build(&file, &[], &[]);
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        outs[0].clone()
+    })
+    .clone()
+}
+
+/// The rich closure plus the big path, under one new top. Returns (top, every path).
+fn build_closure_with_big_path(env: &Env) -> (StorePath, Vec<StorePath>) {
+    let big = big_path();
+    let (rich_top, mut outs) = build_rich_closure(env);
+    let expr = format!(
+        r#"{}mk "narpost-s3-top" ''
+  mkdir -p $out && echo ${{builtins.storePath "{}"}} ${{builtins.storePath "{}"}} > $out/refs
+''
+"#,
+        nix_prelude(&nonce()),
+        big.to_absolute(),
+        rich_top.to_absolute()
+    );
+    let file = env.write_nix("top.nix", &expr);
+    let top = nix_build(&file, &[], &[]).remove(0);
+    outs.push(big);
+    outs.push(top.clone());
+    (top, outs)
+}
+
+/// Every file in `dir` (recursively) with its size and modification time.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = entry.metadata().expect("stat");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.insert(entry.path(), (meta.len(), meta.modified().expect("mtime")));
+            }
+        }
+    }
+    out
+}
+
+/// Every object in the bucket is whole: NARs are named by the hash of their content, so a
+/// NAR file whose content does not hash to its name is a partial (or otherwise wrong)
+/// object under a real key. Also: nothing but the cache's own kinds of key.
+fn half_objects(cache: &CacheDir) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (file, _) in snapshot(&cache.root) {
+        let rel = file
+            .strip_prefix(&cache.root)
+            .expect("inside the bucket")
+            .to_string_lossy()
+            .into_owned();
+        if rel == "nix-cache-info" || (rel.ends_with(".narinfo") && !rel.contains('/')) {
+            continue;
+        }
+        let Some(name) = rel
+            .strip_prefix("nar/")
+            .and_then(|n| n.strip_suffix(".nar.zst"))
+        else {
+            problems.push(format!("unexpected object {rel}"));
+            continue;
+        };
+        let data = fs::read(&file).expect("read a NAR");
+        if nixbase32::encode(Sha256::digest(&data).as_bytes()) != name {
+            problems.push(format!(
+                "{rel}: content does not match its name ({} bytes)",
+                data.len()
+            ));
+        }
+    }
+    problems
+}
+
+fn s3_config(env: &Env, server_url: &str, key: &Path) -> PathBuf {
+    let config = env.path().join("narpost.toml");
+    fs::write(
+        &config,
+        format!(
+            "cache = \"{server_url}\"\nsecret-key-file = \"{}\"\n",
+            key.display()
+        ),
+    )
+    .expect("write the config file");
+    config
+}
+
+#[test]
+fn closure_with_a_110_mb_path_goes_up_multipart_and_substitutes() {
+    let env = Env::new();
+    let server = S3Server::start(env.path());
+    let (top, outs) = build_closure_with_big_path(&env);
+    let (key, public) = env.keygen("s3-test-1");
+    // Through the config file alone; the credentials come from the standard environment.
+    let config = s3_config(&env, &server.url(), &key);
+    let push = || {
+        let out = run(aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+            .arg("--config")
+            .arg(&config)
+            .arg("push")
+            .arg(top.to_absolute()));
+        stdout(&out) + &stderr(&out)
+    };
+
+    let started = Instant::now();
+    let text = push();
+    let took = started.elapsed();
+    let cache = server.cache();
+    let closure = nix_closure(std::slice::from_ref(&top));
+    assert_eq!(cache.narinfos().len(), closure.len(), "{text}");
+    cache.assert_complete();
+    let problems = half_objects(&cache);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(!text.contains(SECRET_KEY), "the secret is never printed");
+
+    // The big NAR went up in parts (its ETag is the multipart kind, `<md5>-<parts>`), and
+    // every object carries the Content-Type Nix gives it.
+    let big = big_path();
+    let big_info = &cache.narinfos()[&big];
+    assert!(big_info.file_size.expect("FileSize") > 100 * 1024 * 1024);
+    let etag = server.object_record(&big_info.url, "internal")["e_tag"]
+        .as_str()
+        .expect("an ETag")
+        .to_string();
+    let parts: u32 = etag
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}: single-part ETag {etag}", big_info.url));
+    assert!(parts >= 2, "{etag}");
+    for (key, content_type) in [
+        (format!("{}.narinfo", top.hash_part()), "text/x-nix-narinfo"),
+        (big_info.url.clone(), "application/x-nix-nar"),
+        ("nix-cache-info".to_string(), "text/x-nix-cache-info"),
+    ] {
+        assert_eq!(
+            server.object_record(&key, "metadata")["content_type"],
+            content_type,
+            "{key}"
+        );
+    }
+
+    assert_substitutes(&env, &server.file_url(), &public, &outs);
+
+    // Second push: nothing is uploaded, and it says so.
+    let before = snapshot(&server.bucket_dir());
+    let text = push();
+    assert!(
+        text.contains(&format!("all {} paths were already cached", closure.len())),
+        "{text}"
+    );
+    assert_eq!(
+        snapshot(&server.bucket_dir()),
+        before,
+        "a second push changed the bucket"
+    );
+    eprintln!("pushed {} paths incl. 110 MB in {took:?}", closure.len());
+}
+
+#[test]
+fn wrong_credentials_missing_bucket_and_dead_endpoint_are_one_line_each() {
+    let env = Env::new();
+    let server = S3Server::start(env.path());
+    let (top, _) = build_rich_closure(&env);
+    let (key, _) = env.keygen("s3-test-2");
+    let fail = |url: &str, access: &str, secret: &str| {
+        let out = aws_env(&mut env.narpost(), &env, access, secret)
+            .args(["push", "--to", url, "--key"])
+            .arg(&key)
+            .arg(top.to_absolute())
+            .output()
+            .expect("run narpost");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        // Progress lines about retries may come first; the error itself is one line.
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("hint:"))
+            .filter(|l| !l.contains("; retrying in "))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line, then a hint:\n{err}");
+        assert!(lines[0].starts_with("narpost: s3://"), "{err}");
+        assert!(err.contains("\nhint: "), "{err}");
+        assert!(!err.contains(secret), "the secret is never printed: {err}");
+        err
+    };
+    // Retrying cannot fix credentials or a missing bucket, so those fail at once.
+    let not_retried = |err: &str| assert!(!err.contains("retrying"), "{err}");
+
+    let err = fail(&server.url(), ACCESS_KEY, "not-the-secret");
+    assert!(err.contains("s3://cache"), "{err}");
+    assert!(err.contains("rejected the credentials"), "{err}");
+    assert!(err.contains("AWS_SECRET_ACCESS_KEY"), "{err}");
+    not_retried(&err);
+
+    let err = fail(&server.url(), "nobody", SECRET_KEY);
+    assert!(err.contains("rejected the credentials"), "{err}");
+    not_retried(&err);
+
+    let err = fail(
+        &s3_url("nosuch", &server.endpoint()),
+        ACCESS_KEY,
+        SECRET_KEY,
+    );
+    assert!(err.contains("bucket nosuch does not exist"), "{err}");
+    not_retried(&err);
+    assert!(!server.root.join("nosuch").exists());
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let err = fail(&s3_url(BUCKET, &dead), ACCESS_KEY, SECRET_KEY);
+    assert!(
+        err.contains(&format!("cannot reach the server at {dead}")),
+        "{err}"
+    );
+
+    // Nothing was uploaded by any of them.
+    assert!(
+        snapshot(&server.bucket_dir()).is_empty(),
+        "{:?}",
+        snapshot(&server.bucket_dir())
+    );
+}
+
+/// A TCP proxy that lets at most `bytes_per_sec` through per connection towards the server,
+/// so a test can act while a large upload is under way.
+struct SlowProxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowProxy {
+    fn start(upstream: u16, bytes_per_sec: u64) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || pump(client, server, Some(bytes_per_sec)));
+                std::thread::spawn(move || pump(s2, c2, None));
+            }
+        });
+        SlowProxy { port, stop }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn server_killed_during_a_multipart_upload_leaves_no_half_object_and_a_later_push_completes() {
+    let env = Env::new();
+    let mut server = S3Server::start(env.path());
+    let (top, outs) = build_closure_with_big_path(&env);
+    let (key, public) = env.keygen("s3-test-3");
+    let big = big_path();
+    // 24 MB/s per connection: the 110 MB NAR takes seconds, long enough to kill the server
+    // between its parts.
+    let proxy = SlowProxy::start(server.port, 24 << 20);
+    let slow_url = s3_url(BUCKET, &proxy.endpoint());
+
+    let mut push = Background::spawn(
+        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+            .args(["push", "--to", &slow_url, "--key"])
+            .arg(&key)
+            .arg(top.to_absolute()),
+        &env.path().join("push.log"),
+        "narpost push",
+    );
+    wait_until(
+        "a part of the big NAR to land",
+        Duration::from_secs(60),
+        || {
+            push.assert_running();
+            server.landed_parts() >= 1
+        },
+    );
+    server.kill();
+
+    // The push gives up on the big path (and its referrer) after its retries.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (status, log) = loop {
+        if let Some(done) = push.try_finish() {
+            break done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "push did not give up: {}",
+            push.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{log}");
+    let cache = server.cache();
+    assert!(!cache.has(&big), "{log}");
+    assert!(!cache.has(&top), "{log}");
+    cache.assert_complete();
+    let problems = half_objects(&cache);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    server.resume();
+    let out = run(aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+        .args(["push", "--to", &server.url(), "--key"])
+        .arg(&key)
+        .arg(top.to_absolute()));
+    let text = stdout(&out) + &stderr(&out);
+    assert_eq!(
+        cache.narinfos().len(),
+        nix_closure(std::slice::from_ref(&top)).len(),
+        "{text}"
+    );
+    cache.assert_complete();
+    let problems = half_objects(&cache);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_substitutes(&env, &server.file_url(), &public, &outs);
+}
+
+#[test]
+fn daemon_drains_the_hook_queue_into_s3_through_the_config_file_alone() {
+    let env = Env::new();
+    let server = S3Server::start(env.path());
+    let (key, public) = env.keygen("s3-test-4");
+    // Below a prefix in the bucket, as a fleet sharing one bucket would have it.
+    let url = format!(
+        "s3://{BUCKET}/fleet/x86_64?region=us-east-1&endpoint={}",
+        server.endpoint()
+    );
+    let config = s3_config(&env, &url, &key);
+    let (top, outs) = build_rich_closure(&env);
+    let out_paths: Vec<String> = outs.iter().map(StorePath::to_absolute).collect();
+    run(env
+        .narpost()
+        .arg("--config")
+        .arg(&config)
+        .arg("hook")
+        .env("OUT_PATHS", out_paths.join(" ")));
+    assert_eq!(queue_depth(&env, &config), 1);
+
+    let mut daemon = Background::spawn(
+        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+            .arg("--config")
+            .arg(&config)
+            .arg("daemon"),
+        &env.path().join("daemon.log"),
+        "narpost daemon",
+    );
+    let closure = nix_closure(&[top]);
+    let prefix_dir = server.bucket_dir().join("fleet/x86_64");
+    let cache = CacheDir::new(&prefix_dir);
+    wait_until(
+        "the daemon to drain the queue",
+        Duration::from_secs(60),
+        || {
+            daemon.assert_running();
+            cache.narinfos().len() == closure.len() && queue_depth(&env, &config) == 0
+        },
+    );
+    let (status, log) = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {log}");
+    cache.assert_complete();
+    assert!(prefix_dir.join("nix-cache-info").is_file());
+    let bucket_root: Vec<String> = fs::read_dir(server.bucket_dir())
+        .expect("list the bucket")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        bucket_root,
+        vec!["fleet".to_string()],
+        "nothing outside the prefix"
+    );
+    let url = format!("file://{}", prefix_dir.display());
+    assert_substitutes(&env, &url, &public, &outs);
+}
+
+#[test]
+fn watch_store_pushes_new_builds_to_s3_through_the_config_file_alone() {
+    let env = Env::new();
+    let server = S3Server::start(env.path());
+    let (key, public) = env.keygen("s3-test-5");
+    let config = s3_config(&env, &server.url(), &key);
+    // Other tests build in the same store meanwhile, and the watcher pushes their paths
+    // too; a short drain timeout keeps SIGTERM from waiting for those.
+    append(&config, "drain-timeout = 5\n");
+    let mut watcher = Background::spawn(
+        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+            .arg("--config")
+            .arg(&config)
+            .arg("watch-store"),
+        &env.path().join("watch.log"),
+        "narpost watch-store",
+    );
+    watcher.wait_for_output("narpost: watching", Duration::from_secs(30));
+
+    let (top, outs) = build_rich_closure(&env);
+    let cache = server.cache();
+    wait_until(
+        "watch-store to push the new build",
+        Duration::from_secs(60),
+        || {
+            watcher.assert_running();
+            outs.iter().all(|p| cache.has(p))
+        },
+    );
+    let (status, log) = watcher.terminate(Duration::from_secs(60));
+    assert!(status.success(), "{status}: {log}");
+    cache.assert_complete();
+    assert_substitutes(&env, &server.file_url(), &public, &[top]);
+}
+
+fn append(file: &std::path::Path, text: &str) {
+    let mut old = fs::read_to_string(file).expect("read the config file");
+    old.push_str(text);
+    fs::write(file, old).expect("write the config file");
+}
