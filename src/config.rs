@@ -181,11 +181,10 @@ impl Config {
 
     /// The bearer token: `NARPOST_TOKEN` itself, or the first line of the token file.
     pub fn token(&self) -> Result<Option<String>, ConfigError> {
-        if let Ok(t) = std::env::var("NARPOST_TOKEN") {
-            if !t.trim().is_empty() {
+        if let Ok(t) = std::env::var("NARPOST_TOKEN")
+            && !t.trim().is_empty() {
                 return Ok(Some(t.trim().to_string()));
             }
-        }
         match &self.token_file {
             Some(p) => Ok(Some(read_secret(p)?)),
             None => Ok(None),
