@@ -33,6 +33,16 @@ pub fn signing_key(cfg: &Config, format: NarFormat) -> anyhow::Result<Option<Sig
 }
 
 pub fn pipeline(cfg: &Config, retry: RetryPolicy) -> anyhow::Result<Pipeline> {
+    pipeline_spooling_in(cfg, retry, cfg.state_dir.join("spool"))
+}
+
+/// [`pipeline`] with compressed NARs waiting for upload in `spool_dir` (the daemon keeps its
+/// own, so it can clear what a killed predecessor left without touching a running `push`'s).
+pub fn pipeline_spooling_in(
+    cfg: &Config,
+    retry: RetryPolicy,
+    spool_dir: PathBuf,
+) -> anyhow::Result<Pipeline> {
     let target = target::from_config(cfg).map_err(crate::error::from_target)?;
     let key = signing_key(cfg, target.nar_format())?;
     let store = Arc::new(Store::open_default()?);
@@ -42,7 +52,7 @@ pub fn pipeline(cfg: &Config, retry: RetryPolicy) -> anyhow::Result<Pipeline> {
         key,
         Options {
             jobs: cfg.jobs,
-            spool_dir: cfg.state_dir.join("spool"),
+            spool_dir,
             retry,
         },
     ))

@@ -2,17 +2,32 @@
 //! `watch-store` and `watch-exec`.
 //!
 //! One drainer per state directory, enforced by an exclusive lock on `<state>/drain.lock`,
-//! so two processes never upload the same entries. The loop:
+//! so two processes never upload the same entries. Beside the queue it keeps
+//! `<state>/drain-state.json` (what `status` shows, rewritten atomically) and
+//! `<state>/drain-spool/` (NARs compressed for uploads under way; emptied at start-up, since
+//! a predecessor killed mid-upload leaves its files there). The loop:
 //!
-//! - reads every queued entry, drops paths that are no longer valid in the store (such an
-//!   entry moves to the failed list with its reason), and pushes the union of the rest, with
-//!   their closures, through the one pipeline (which skips what the cache has);
+//! - reads every queued entry (after adopting orphaned GC roots, see below), drops paths
+//!   that are no longer valid in the store (such an entry moves to the failed list with its
+//!   reason), and pushes the union of the rest, with their closures, through the one
+//!   pipeline (which skips what the cache has);
 //! - acknowledges an entry (deletes it, releases its GC roots) only when every one of its
 //!   paths is in the cache; an entry with a permanently failing path (NarHash mismatch) moves
 //!   to the failed list; anything transient stays queued;
-//! - while the cache is down, waits with capped exponential backoff and jitter, logging one
-//!   line when it goes down and one when it is back;
-//! - wakes up on inotify events in the queue directory (new entries), or every few seconds.
+//! - while uploads fail (the cache down, or the spool disk full), waits with capped
+//!   exponential backoff and jitter, logging one line when they start failing and one when a
+//!   whole pass goes through again;
+//! - wakes up on inotify events in the queue directory (new entries), or every few seconds;
+//! - an error of its own (the state directory full or unreadable, the store database busy)
+//!   is logged once, shown by `status`, and retried with the same backoff; it never ends
+//!   the daemon, since nothing but the daemon would upload what the hooks keep queuing.
+//!
+//! Orphaned GC roots: a root with no queue entry holding its path is left by a hook that
+//! could not write its entry (disk full, state directory unwritable), by a corrupt entry set
+//! aside, or by a crash between two steps (see [`crate::queue`]). Every such path was built
+//! and meant for the cache, so the drainer queues it: at start-up all of them, later (every
+//! few minutes) those whose root is old enough that no hook can still be about to write the
+//! entry. A root whose path is gone from the store is removed.
 //!
 //! Shutdown: the first SIGTERM/SIGINT stops new work; uploads under way get `drain-timeout`
 //! to finish, then are dropped (nothing half-written becomes visible: NARs and narinfos are
@@ -24,7 +39,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -34,12 +49,18 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{Pipeline, PipelineError, RetryPolicy};
-use crate::queue::{GcRoots, Queue};
+use crate::queue::{Entry, EntryOrCorrupt, GcRoots, Queue};
+use crate::store::Store;
 
 /// Longest wait between attempts while the cache is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Rescan the queue this often even without inotify events.
 const POLL: Duration = Duration::from_secs(5);
+/// Look for orphaned GC roots this often after start-up.
+const ADOPT_EVERY: Duration = Duration::from_secs(300);
+/// A hook writes its entry milliseconds after its roots; a root this old without an entry
+/// is an orphan.
+const ADOPT_GRACE: Duration = Duration::from_secs(60);
 
 /// What the drainer publishes for `narpost status`, rewritten atomically after each batch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -47,6 +68,9 @@ pub struct DrainState {
     pub pid: u32,
     pub started_at: u64,
     pub cache: String,
+    /// The public half of the signing key, for `trusted-public-keys`.
+    #[serde(default)]
+    pub public_key: Option<String>,
     pub pushed: u64,
     pub already_cached: u64,
     pub last_error: Option<String>,
@@ -56,6 +80,8 @@ pub struct DrainState {
 
 pub const STATE_FILE: &str = "drain-state.json";
 pub const LOCK_FILE: &str = "drain.lock";
+/// Compressed NARs of the drainer's uploads under way; only the lock holder writes here.
+pub const SPOOL_DIR: &str = "drain-spool";
 
 fn now() -> u64 {
     SystemTime::now()
@@ -120,7 +146,11 @@ pub struct Drainer {
     state: DrainState,
     /// Set while the cache is unreachable, so the log says so once, not every attempt.
     down: bool,
+    /// Problems of the drainer's own under way (see [`Drainer::problem`]).
+    failing: BTreeSet<&'static str>,
     backoff: Duration,
+    /// When to look for orphaned GC roots next; `None` before the first pass.
+    next_adoption: Option<Instant>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -131,6 +161,8 @@ pub struct Totals {
 }
 
 impl Drainer {
+    /// The caller must hold the state directory's [`DrainLock`]: a drainer takes over what a
+    /// killed predecessor left behind (its spooled NARs are removed here).
     pub fn new(cfg: &Config) -> anyhow::Result<Drainer> {
         // The outer loop retries for as long as it takes; inner retries only smooth over blips.
         let retry = RetryPolicy {
@@ -138,13 +170,21 @@ impl Drainer {
             min_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(2),
         };
-        let pipeline = Arc::new(crate::app::pipeline(cfg, retry)?);
+        let spool = cfg.state_dir.join(SPOOL_DIR);
+        clear_dir(&spool);
+        let pipeline = Arc::new(crate::app::pipeline_spooling_in(cfg, retry, spool)?);
         let queue = Arc::new(Queue::open(&cfg.state_dir)?);
         let roots = Arc::new(GcRoots::new(cfg.gc_roots_dir.clone()));
+        // The pipeline loaded (or generated) the key already; this only reads it again.
+        let public_key = crate::app::signing_key(cfg, pipeline.target().nar_format())
+            .ok()
+            .flatten()
+            .map(|k| k.public().to_nix_string());
         let state = DrainState {
             pid: std::process::id(),
             started_at: now(),
             cache: pipeline.target().url(),
+            public_key,
             ..Default::default()
         };
         Ok(Drainer {
@@ -155,7 +195,9 @@ impl Drainer {
             drain_timeout: cfg.drain_timeout,
             state,
             down: false,
+            failing: BTreeSet::new(),
             backoff: Duration::from_secs(1),
+            next_adoption: None,
         })
     }
 
@@ -167,16 +209,52 @@ impl Drainer {
         &self.roots
     }
 
-    fn write_state(&self) {
+    /// Publishes the state for `status`: atomically by rename when possible; on a full disk
+    /// (where no new file fits) over the old file in place, whose blocks are already there,
+    /// because the reason the disk is full is what `status` must show.
+    fn write_state(&mut self) {
         let path = self.state_dir.join(STATE_FILE);
         let tmp = self.state_dir.join(format!(".{STATE_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
+        let atomic = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(&self.state).unwrap_or_default())?;
+            f.write_all(&json)?;
             std::fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            tracing::warn!("{}: cannot write status: {e}", path.display());
+        })();
+        let result = atomic.or_else(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            f.write_all(&json)
+                .and_then(|()| f.set_len(json.len() as u64))
+                .map_err(|_| e)
+        });
+        match result {
+            Ok(()) => self.resolved("state", "the status file is written again"),
+            Err(e) => {
+                self.problem(
+                    "state",
+                    &format!("{}: cannot write status: {e}", path.display()),
+                );
+            }
+        }
+    }
+
+    /// Logs a problem of the drainer's own when it starts, not on every attempt while it
+    /// lasts (the attempts go to the debug log). Returns whether it is new.
+    fn problem(&mut self, what: &'static str, msg: &str) -> bool {
+        if self.failing.insert(what) {
+            tracing::error!("{msg}");
+            true
+        } else {
+            tracing::debug!("{msg}");
+            false
+        }
+    }
+
+    /// Ends a problem [`Drainer::problem`] reported, with one line saying so.
+    fn resolved(&mut self, what: &'static str, note: &str) {
+        if self.failing.remove(what) {
+            tracing::info!("{note}");
         }
     }
 
@@ -188,27 +266,45 @@ impl Drainer {
     /// One pass over the queue. Returns whether the cache looked down (so the caller waits).
     async fn drain_once(&mut self, cancel: &CancellationToken) -> anyhow::Result<bool> {
         let queue = self.queue.clone();
+        let roots = self.roots.clone();
         let store = self.pipeline.store().clone();
+        let adopt_before = match self.next_adoption {
+            None => Some(SystemTime::now()),
+            Some(at) if Instant::now() >= at => Some(SystemTime::now() - ADOPT_GRACE),
+            Some(_) => None,
+        };
         // Read the queue and check validity off the async threads: both touch the disk.
-        let (entries, invalid) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (entries, invalid, adopted) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut entries = Vec::new();
             for item in queue.list()? {
                 match item {
-                    crate::queue::EntryOrCorrupt::Valid(e) => entries.push(e),
-                    crate::queue::EntryOrCorrupt::Corrupt {
+                    EntryOrCorrupt::Valid(e) => entries.push(e),
+                    EntryOrCorrupt::Corrupt {
                         file,
                         reason,
                         quarantined_to,
                     } => {
                         tracing::error!(
-                            "queue entry {file}: {reason}; set aside in {}",
+                            "{}: corrupt queue entry ({reason}); set aside as {}; the paths it held keep their GC roots and are queued again from those",
+                            queue.queue_dir().join(&file).display(),
                             quarantined_to
                                 .map(|p| p.display().to_string())
-                                .unwrap_or_else(|| "place (could not move it)".into())
+                                .unwrap_or_else(|| "nothing (could not move it)".into())
                         );
                     }
                 }
             }
+            // Failing to adopt (a full disk) must not stop the entries already queued.
+            let adopted = adopt_before.map(|cutoff| {
+                match adopt_orphans(&queue, &roots, &store, &entries, cutoff) {
+                    Ok(Some(entry)) => {
+                        entries.push(entry);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(error_chain(&e)),
+                }
+            });
             let mut invalid = Vec::new();
             let mut good = Vec::new();
             for e in entries {
@@ -224,9 +320,24 @@ impl Drainer {
                     None => good.push(e),
                 }
             }
-            Ok((good, invalid))
+            Ok((good, invalid, adopted))
         })
         .await??;
+        match adopted {
+            Some(Ok(())) => {
+                self.resolved("adopt", "orphaned GC roots are queued again");
+                self.next_adoption = Some(Instant::now() + ADOPT_EVERY);
+            }
+            Some(Err(msg)) => {
+                // Tried again next pass.
+                self.record_error(&msg);
+                self.problem(
+                    "adopt",
+                    &format!("cannot queue paths that have a GC root but no entry: {msg}"),
+                );
+            }
+            None => {}
+        }
 
         for (entry, path) in invalid {
             let reason = format!(
@@ -234,6 +345,7 @@ impl Drainer {
                 path.to_absolute()
             );
             tracing::warn!("{reason}");
+            self.record_error(&reason);
             self.queue.fail(&entry.id, &reason)?;
             self.release(&entry.paths);
         }
@@ -265,7 +377,6 @@ impl Drainer {
                 return Err(e.into());
             }
         };
-        self.cache_up();
         let report = self.pipeline.execute(&plan, cancel).await;
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
@@ -294,6 +405,7 @@ impl Drainer {
             }
             if let Some(reason) = permanent {
                 tracing::error!("{reason}");
+                self.record_error(&reason);
                 self.queue.fail(&entry.id, &reason)?;
                 self.release(&entry.paths);
             } else if pending {
@@ -303,11 +415,17 @@ impl Drainer {
                 self.release(&entry.paths);
             }
         }
-        if let Some(f) = report.failed.iter().find(|f| !f.kind.is_permanent()) {
-            self.record_error(&f.message);
-            if !cancel.is_cancelled() {
-                self.cache_down(&f.message);
+        // Back to normal only when a whole pass went through: a cache that answers the
+        // planning queries but fails uploads, or a full spool disk, is still "down".
+        match report.failed.iter().find(|f| !f.kind.is_permanent()) {
+            Some(f) => {
+                self.record_error(&f.message);
+                if !cancel.is_cancelled() {
+                    self.cache_down(&f.message);
+                }
             }
+            None if !cancel.is_cancelled() => self.cache_up(),
+            None => {}
         }
         self.write_state();
         Ok(transient && !cancel.is_cancelled())
@@ -316,14 +434,14 @@ impl Drainer {
     fn release(&self, paths: &[StorePath]) {
         for p in paths {
             // Releasing is best effort and reports its own problems.
-            let _ = self.roots.release(p);
+            self.roots.release(p);
         }
     }
 
     fn cache_down(&mut self, msg: &str) {
         if !self.down {
             tracing::warn!(
-                "cache {} unavailable: {msg}; everything stays queued, retrying for as long as it takes",
+                "uploads to {} fail: {msg}; everything stays queued, retrying for as long as it takes",
                 self.state.cache
             );
             self.down = true;
@@ -335,9 +453,24 @@ impl Drainer {
         self.write_state();
     }
 
+    /// A failure of the drainer itself (not of the cache): logged when it starts, kept for
+    /// `status`, and retried with backoff.
+    fn own_error(&mut self, msg: &str) {
+        self.record_error(msg);
+        if self.problem(
+            "drain",
+            &format!("{msg}; everything stays queued, retrying"),
+        ) {
+            self.backoff = Duration::from_secs(1);
+        } else {
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        }
+        self.write_state();
+    }
+
     fn cache_up(&mut self) {
         if self.down {
-            tracing::info!("cache {} is back; draining the queue", self.state.cache);
+            tracing::info!("uploads to {} work again", self.state.cache);
             self.down = false;
             self.state.cache_down_since = None;
             self.backoff = Duration::from_secs(1);
@@ -382,7 +515,16 @@ impl Drainer {
                 }
             };
             let wait = tokio::select! {
-                r = self.drain_once(&inner) => r?,
+                r = self.drain_once(&inner) => match r {
+                    Ok(wait) => {
+                        self.resolved("drain", "draining normally again");
+                        wait
+                    }
+                    Err(e) => {
+                        self.own_error(&error_chain(&e));
+                        true
+                    }
+                },
                 _ = deadline => {
                     tracing::warn!("drain timeout reached; uploads under way were stopped and stay queued");
                     break;
@@ -408,6 +550,78 @@ impl Drainer {
             left: self.queue.depth().unwrap_or(0),
         })
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text the message already
+/// includes (many errors here name their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out.replace('\n', " ")
+}
+
+/// Removes the files in `dir`, best effort: one that stays is tried again next start.
+fn clear_dir(dir: &Path) {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for item in items.flatten() {
+        if let Err(e) = std::fs::remove_file(item.path()) {
+            tracing::warn!("{}: cannot remove: {e}", item.path().display());
+        }
+    }
+}
+
+/// Queues, as one new entry, the valid paths that have a GC root created before `cutoff`
+/// but are in none of `entries`; removes roots of paths gone from the store. Blocking.
+fn adopt_orphans(
+    queue: &Queue,
+    roots: &GcRoots,
+    store: &Store,
+    entries: &[Entry],
+    cutoff: SystemTime,
+) -> anyhow::Result<Option<Entry>> {
+    let queued: std::collections::HashSet<&StorePath> =
+        entries.iter().flat_map(|e| e.paths.iter()).collect();
+    let mut adopt = Vec::new();
+    for path in roots.list_created_before(Some(cutoff))? {
+        if queued.contains(&path) {
+            continue;
+        }
+        if store.is_valid(&path)? {
+            adopt.push(path);
+        } else {
+            tracing::warn!(
+                "{}: GC root for {} which is no longer in the store; removing it",
+                roots.dir().join(path.base()).display(),
+                path.to_absolute()
+            );
+            roots.release(&path);
+        }
+    }
+    if adopt.is_empty() {
+        return Ok(None);
+    }
+    let id = queue.enqueue(&adopt, None)?;
+    tracing::info!(
+        "queued {} path(s) that had a GC root in {} but no queue entry",
+        adopt.len(),
+        roots.dir().display()
+    );
+    Ok(Some(Entry {
+        queued_at: id.queued_at(),
+        id,
+        paths: adopt,
+        drv: None,
+    }))
 }
 
 /// `root` and everything it refers to, directly or not, within the plan.
@@ -445,6 +659,30 @@ pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc
     Ok((watcher, rx))
 }
 
+/// Names what stays queued (a few paths; `narpost status` shows the rest).
+pub fn print_remaining(queue: &Queue) {
+    const SHOWN: usize = 10;
+    let paths: Vec<String> = match queue.entries() {
+        Ok(entries) => entries
+            .iter()
+            .flat_map(|e| e.paths.iter().map(StorePath::to_absolute))
+            .collect(),
+        Err(e) => {
+            eprintln!("narpost: {e}");
+            return;
+        }
+    };
+    for p in paths.iter().take(SHOWN) {
+        eprintln!("narpost: still queued: {p}");
+    }
+    if paths.len() > SHOWN {
+        eprintln!(
+            "narpost: ... and {} more paths still queued",
+            paths.len() - SHOWN
+        );
+    }
+}
+
 /// First signal: cancel `stop`. Second: exit at once (the queue is on disk, nothing is lost).
 pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -477,5 +715,6 @@ pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
         "narpost: pushed {} paths, {} already cached, {} entries left queued",
         totals.pushed, totals.already_cached, totals.left
     );
+    print_remaining(drainer.queue());
     Ok(())
 }

@@ -18,10 +18,10 @@
 //! Order of work, chosen for crash safety: open the queue (so an unusable state directory
 //! is found before anything is changed), then create GC roots and fsync them, then enqueue
 //! (fsynced). A queued path is thus always protected from garbage collection; a crash
-//! between the two steps leaves only a root without an entry, which is harmless and which
-//! the daemon finds at start-up (see [`crate::queue`]). Failing to create roots is reported
-//! but does not stop the enqueue: an unprotected path in the queue is still far more likely
-//! to be uploaded than one that was never queued.
+//! between the two steps, or an enqueue that fails (disk full), leaves a root without an
+//! entry, which the daemon finds and queues (see [`crate::daemon`]). Failing to create roots
+//! is reported but does not stop the enqueue: an unprotected path in the queue is still far
+//! more likely to be uploaded than one that was never queued.
 
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -61,28 +61,44 @@ impl HookEnv {
 
 /// Entry point for `narpost hook`: resolves the configuration (only the GC roots directory
 /// is needed from it), reads the environment and runs the hook. Never fails: a broken config
-/// file is reported and the default roots directory is used, so the build's outputs are
-/// still queued.
+/// file is reported and the roots directory is taken from `NARPOST_GC_ROOTS_DIR` or the
+/// default, so the build's outputs are still queued.
 pub fn main(config_file: Option<&Path>, state_dir: &Path) {
     let mut stderr = std::io::stderr().lock();
-    let gcroots_dir = catch_unwind(|| {
+    let loaded = catch_unwind(|| {
         crate::config::Config::load(
             config_file,
             Some(state_dir.to_path_buf()),
             crate::config::Overrides::default(),
         )
     });
-    let gcroots_dir = match gcroots_dir {
+    let fallback = || {
+        std::env::var_os("NARPOST_GC_ROOTS_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_GC_ROOTS_DIR))
+    };
+    let gcroots_dir = match loaded {
         Ok(Ok(cfg)) => cfg.gc_roots_dir,
         Ok(Err(e)) => {
+            let dir = fallback();
             let _ = writeln!(
                 stderr,
-                "narpost hook: {e}; using the default GC roots directory {}",
-                crate::config::DEFAULT_GC_ROOTS_DIR
+                "narpost hook: {}; queuing anyway, with GC roots in {}",
+                e.to_string().replace('\n', " "),
+                dir.display()
             );
-            PathBuf::from(crate::config::DEFAULT_GC_ROOTS_DIR)
+            dir
         }
-        Err(_) => PathBuf::from(crate::config::DEFAULT_GC_ROOTS_DIR),
+        Err(_) => {
+            let dir = fallback();
+            let _ = writeln!(
+                stderr,
+                "narpost hook: internal error while reading the configuration; queuing anyway, with GC roots in {}; please report this bug",
+                dir.display()
+            );
+            dir
+        }
     };
     let cfg = HookConfig {
         state_dir: state_dir.to_path_buf(),
@@ -141,16 +157,26 @@ fn hook(cfg: &HookConfig, env: &HookEnv, report: &mut Vec<String>) {
             return;
         }
     };
-    if let Err(e) = GcRoots::new(&cfg.gcroots_dir).protect_all(&paths) {
-        report.push(format!(
-            "{e}; queuing anyway, but garbage collection may delete the paths before they are uploaded"
-        ));
-    }
+    let rooted = match GcRoots::new(&cfg.gcroots_dir).protect_all(&paths) {
+        Ok(()) => true,
+        Err(e) => {
+            report.push(format!(
+                "{e}; queuing anyway, but garbage collection may delete the paths before they are uploaded"
+            ));
+            false
+        }
+    };
     if let Err(e) = queue.enqueue(&paths, drv.as_deref()) {
-        report.push(format!(
-            "{e}; not queued: {paths}; free space or fix the state directory, then run `narpost push {paths}`",
-            paths = listed()
-        ));
+        let paths = listed();
+        report.push(if rooted {
+            format!(
+                "{e}; not queued: {paths}; their GC roots stay, and the daemon queues them from there within minutes once the state directory is writable (or run `narpost push {paths}`)"
+            )
+        } else {
+            format!(
+                "{e}; not queued: {paths}; free space or fix the state directory, then run `narpost push {paths}`"
+            )
+        });
     }
 }
 

@@ -41,6 +41,8 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a service's journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -92,7 +94,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drain_timeout,
         } => {
             let cfg = load(target.overrides(drain_timeout))?;
-            runtime()?.block_on(narpost::daemon::run_daemon(cfg))?;
+            let rt = runtime()?;
+            let result = rt.block_on(narpost::daemon::run_daemon(cfg));
+            // A NAR still being compressed on a blocking thread must not hold the exit past
+            // the drain timeout; its spool file is removed at the next start.
+            rt.shutdown_background();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::WatchStore {

@@ -17,6 +17,9 @@
 //!   failed/   entries that failed permanently: `<name>.json` with the paths and the reason
 //! ```
 //!
+//! (The drainer keeps its lock, its status file and its spool beside these; see
+//! [`crate::daemon`].)
+//!
 //! Directories are created with mode 0700 and files with 0600: entries name what was
 //! built on the machine, which is nobody else's business.
 //!
@@ -57,8 +60,9 @@
 //!    stops the other entries.
 //! 3. An entry is deleted only when every path in it is in the cache ([`Queue::ack`]) or
 //!    after it has been recorded durably in `failed/` ([`Queue::fail`]).
-//! 4. Every path in an entry has had a GC root since before the entry existed, and keeps
-//!    it until the path is in the cache (see [GC roots](#gc-roots)).
+//! 4. Every path in an entry has had a GC root since before the entry existed (unless
+//!    creating it failed, which the hook reports), and keeps it until the path is in the
+//!    cache (see [GC roots](#gc-roots)).
 //!
 //! # What a crash leaves behind, step by step
 //!
@@ -73,16 +77,20 @@
 //!   before the rename. Never a torn entry.
 //! - After the directory fsync: the entry is durable, and `enqueue` returns.
 //!
-//! Ack is: unlink, fsync `queue/`. If a crash undoes the unlink, the entry comes back and
-//! is processed again; uploads are idempotent (the daemon asks the cache what is missing
-//! first), so this costs a query, not a duplicate.
+//! Ack is: unlink, fsync `queue/`, then the daemon releases the entry's roots. If a crash
+//! undoes the unlink, the entry comes back and is processed again; uploads are idempotent
+//! (the daemon asks the cache what is missing first), so this costs a query, not a
+//! duplicate. A crash after the unlink but before the release leaves roots without an
+//! entry: the daemon queues them again (see [GC roots](#gc-roots)), finds the paths in the
+//! cache, and releases them.
 //!
 //! Fail is: write `failed/<name>.json` (temp, fsync, rename, fsync `failed/`), then ack. A
 //! crash in between leaves the entry in both places; [`Queue::list`] sees the failure
 //! record and finishes the move instead of retrying a path already judged hopeless.
 //!
 //! Quarantine is a rename into `corrupt/`; if a crash undoes it, the file is found corrupt
-//! again on the next listing and moved again.
+//! again on the next listing and moved again. The paths a corrupt entry held cannot be read
+//! from it, but they still have their roots, through which the daemon queues them again.
 //!
 //! Torn or damaged files can still appear (a disk error, a filesystem that ignores fsync,
 //! a person editing the directory); that is what the checks are for.
@@ -105,10 +113,17 @@
 //! path's whole closure alive, so dependencies need no roots of their own.
 //!
 //! The hook creates the roots *before* it enqueues: a queued path is then always
-//! protected, and the worst a crash between the two steps leaves is a root without an
-//! entry. That root is harmless (it only delays garbage collection), and the daemon finds
-//! it with [`GcRoots::list`] at start-up; since the path was built and was about to be
-//! queued, the daemon can enqueue it rather than merely release it.
+//! protected, and the worst a crash between the two steps, or a failed enqueue (disk full,
+//! read-only state directory), leaves is a root without an entry. Such an orphan only
+//! delays garbage collection, and since its path was built and meant for the cache, the
+//! daemon adopts it: at start-up it queues every rooted path that no valid entry holds
+//! ([`GcRoots::list_created_before`] now), and every few minutes those whose root is older
+//! than a minute (younger ones may belong to a hook about to enqueue; adopting one anyway
+//! would only make a duplicate entry). A root whose path is gone from the store is removed.
+//!
+//! So a roots directory belongs to one state directory: the daemon releases, and adopts,
+//! every root in it. Two queues sharing one would push each other's paths and unprotect
+//! them before the other had uploaded them.
 //!
 //! One root serves every entry holding the path, and releasing it when *one* entry is done
 //! is safe even if another entry holds the same path: the daemon releases a root only after
@@ -268,6 +283,13 @@ pub struct FailedEntry {
     pub drv: Option<String>,
     pub queued_at: SystemTime,
     pub failed_at: SystemTime,
+    pub reason: String,
+}
+
+/// A file that failed its checks, as set aside in `corrupt/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptFile {
+    pub file: PathBuf,
     pub reason: String,
 }
 
@@ -628,6 +650,32 @@ impl Queue {
         Ok(out)
     }
 
+    /// Files set aside in `corrupt/`, oldest name first, each with the reason recorded
+    /// beside it (or why that could not be read).
+    pub fn corrupt(&self) -> Result<Vec<CorruptFile>, QueueError> {
+        let list_err = |source| QueueError::List {
+            path: self.corrupt_dir.clone(),
+            source,
+        };
+        let mut out = Vec::new();
+        for item in fs::read_dir(&self.corrupt_dir).map_err(list_err)? {
+            let item = item.map_err(list_err)?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".reason") {
+                continue;
+            }
+            let reason = fs::read_to_string(self.corrupt_dir.join(format!("{name}.reason")))
+                .map(|r| r.trim().to_owned())
+                .unwrap_or_else(|e| format!("reason not recorded: {e}"));
+            out.push(CorruptFile {
+                file: item.path(),
+                reason,
+            });
+        }
+        out.sort_by(|a, b| a.file.cmp(&b.file));
+        Ok(out)
+    }
+
     /// Number of entries waiting, without reading them.
     pub fn depth(&self) -> Result<usize, QueueError> {
         Ok(self
@@ -902,6 +950,15 @@ impl GcRoots {
     /// Paths that have a root here, sorted; other files in the directory are ignored. An
     /// absent directory has no roots.
     pub fn list(&self) -> Result<Vec<StorePath>, GcRootError> {
+        self.list_created_before(None)
+    }
+
+    /// [`GcRoots::list`], keeping only roots created before `cutoff` (all when `None`): a
+    /// younger root may belong to a hook that has not written its queue entry yet.
+    pub fn list_created_before(
+        &self,
+        cutoff: Option<SystemTime>,
+    ) -> Result<Vec<StorePath>, GcRootError> {
         let list_err = |source| GcRootError::List {
             path: self.dir.clone(),
             source,
@@ -921,6 +978,12 @@ impl GcRoots {
             else {
                 continue;
             };
+            if let Some(cutoff) = cutoff {
+                let created = fs::symlink_metadata(item.path()).and_then(|m| m.modified());
+                if !created.is_ok_and(|t| t < cutoff) {
+                    continue;
+                }
+            }
             if fs::read_link(item.path())
                 .is_ok_and(|t| t.as_os_str() == OsStr::new(&path.to_absolute()))
             {

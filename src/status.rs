@@ -1,5 +1,10 @@
 //! `narpost status`: the cache, the key, the queue and what the drainer last reported.
 //! Reads files only; never contacts the cache, so it answers even when the cache is down.
+//!
+//! The cache and key shown are the ones the drainer last published (`drain-state.json`):
+//! the daemon usually gets its settings from a service manager's environment, which the
+//! shell running `status` does not have. Without a drainer so far, they come from this
+//! command's own configuration.
 
 use serde::Serialize;
 
@@ -17,6 +22,8 @@ pub struct Status {
     pub oldest_entry_age_secs: Option<u64>,
     pub pushed_since_start: Option<u64>,
     pub failed: Vec<FailedStatus>,
+    /// Queue files that failed their checks and were set aside.
+    pub corrupt: Vec<CorruptStatus>,
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
     pub cache_down_since: Option<u64>,
@@ -26,11 +33,22 @@ pub struct Status {
 pub struct FailedStatus {
     pub paths: Vec<String>,
     pub reason: String,
+    /// Unix time the entry was given up on.
+    pub failed_at: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CorruptStatus {
+    pub file: String,
+    pub reason: String,
 }
 
 pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
     let queue = Queue::open(&cfg.state_dir)?;
-    let public_key = match &cfg.key_file {
+    let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let configured_key = || match &cfg.key_file {
         Some(p) => crate::keys::load_signing_key(p)
             .ok()
             .map(|k| k.public().to_nix_string()),
@@ -38,20 +56,34 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
             .ok()
             .map(|s| s.trim().to_string()),
     };
+    let (cache, public_key) = match &state {
+        Some(s) => (s.cache.clone(), s.public_key.clone()),
+        None => (cfg.cache.clone(), configured_key()),
+    };
     let running = DrainLock::is_held(&cfg.state_dir);
-    let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
     let failed = queue
         .failed()?
         .into_iter()
         .map(|f| FailedStatus {
             paths: f.paths.iter().map(|p| p.to_absolute()).collect(),
             reason: f.reason,
+            failed_at: f
+                .failed_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+        .collect();
+    let corrupt = queue
+        .corrupt()?
+        .into_iter()
+        .map(|c| CorruptStatus {
+            file: c.file.display().to_string(),
+            reason: c.reason,
         })
         .collect();
     Ok(Status {
-        cache: cfg.cache.clone(),
+        cache,
         public_key,
         state_dir: cfg.state_dir.display().to_string(),
         daemon_running: running,
@@ -59,9 +91,14 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
         oldest_entry_age_secs: queue.oldest_age()?.map(|d| d.as_secs()),
         pushed_since_start: state.as_ref().filter(|_| running).map(|s| s.pushed),
         failed,
+        corrupt,
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
         last_error_at: state.as_ref().and_then(|s| s.last_error_at),
-        cache_down_since: state.as_ref().and_then(|s| s.cache_down_since),
+        // Only a running drainer knows whether the cache is down now.
+        cache_down_since: state
+            .as_ref()
+            .filter(|_| running)
+            .and_then(|s| s.cache_down_since),
     })
 }
 
@@ -93,19 +130,39 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("pushed:       {p} paths since start");
     }
     if let Some(since) = s.cache_down_since {
-        println!("cache down:   since {since} (unix time)");
+        println!("cache down:   for {}", ago(since));
     }
     if let Some(e) = &s.last_error {
-        println!(
-            "last error:   {e} (at {})",
-            s.last_error_at.map(|t| t.to_string()).unwrap_or_default()
-        );
+        match s.last_error_at {
+            Some(at) => println!("last error:   {} ago: {e}", ago(at)),
+            None => println!("last error:   {e}"),
+        }
     }
     if !s.failed.is_empty() {
         println!("failed:       {}", s.failed.len());
         for f in &s.failed {
-            println!("  {}: {}", f.paths.join(" "), f.reason);
+            println!(
+                "  {} ago: {}: {}",
+                ago(f.failed_at),
+                f.paths.join(" "),
+                f.reason
+            );
+        }
+    }
+    if !s.corrupt.is_empty() {
+        println!("corrupt:      {} queue files set aside", s.corrupt.len());
+        for c in &s.corrupt {
+            println!("  {}: {}", c.file, c.reason);
         }
     }
     Ok(())
+}
+
+/// How long ago a unix time was, as `<n>s`.
+fn ago(unix_secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{}s", now.saturating_sub(unix_secs))
 }

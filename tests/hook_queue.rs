@@ -689,12 +689,11 @@ fn wrapper_script_exits_0_when_narpost_is_missing_and_passes_its_settings() {
 // Real Nix
 
 fn nix(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
+    Command::new(cmd)
         .args(args)
         .env("NIX_CONFIG", NIX_CONFIG)
         .output()
-        .unwrap_or_else(|e| panic!("{cmd}: cannot run it ({e}); these tests need Nix installed"));
-    out
+        .unwrap_or_else(|e| panic!("{cmd}: cannot run it ({e}); these tests need Nix installed"))
 }
 
 fn nix_ok(cmd: &str, args: &[&str]) -> String {

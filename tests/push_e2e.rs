@@ -217,7 +217,7 @@ fn corrupted_store_path_is_refused_with_its_referrers() {
     let (victim, user, bystander) = (&outs[0], &outs[1], &outs[2]);
     corrupt_store_file(
         &std::path::Path::new(&victim.to_absolute()).join("data"),
-        b"tampered\n",
+        b"tampered, and longer than before\n",
     );
 
     let (key, _) = env.keygen("corrupt-1");
