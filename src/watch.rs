@@ -9,11 +9,14 @@
 //! - a candidate may still be building when its event arrives.
 //!
 //! Both are covered by rescanning the database for paths registered since the last one seen
-//! (`registrationTime`), on overflow and every few seconds. Paths valid before the watcher
-//! started are recorded at start and never pushed (unless `--all`).
+//! (`registrationTime`), on overflow, every few seconds, and once more when watching stops.
+//! Paths valid before the watcher started are recorded at start and never pushed (unless
+//! `--all`).
 //!
 //! Found paths go through the durable queue, so a watcher killed with SIGKILL and started
-//! again still uploads what it had seen.
+//! again still uploads what it had seen. Stopping (SIGTERM for `watch-store`, the command's
+//! exit for `watch-exec`) queues what was found last and then drains the queue until it is
+//! empty or the drain timeout passes; whatever is left stays queued for the next drainer.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -23,10 +26,12 @@ use std::time::Duration;
 use anyhow::Context;
 use notify::Watcher;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::daemon::{DrainLock, Drainer, spawn_signal_handler, watch_dir};
+use crate::daemon::{DrainLock, DrainState, Drainer, STATE_FILE, Totals, watch_dir};
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::queue::{GcRoots, Queue};
 use crate::store::Store;
@@ -37,7 +42,18 @@ pub struct WatchOptions {
     pub include_drv: bool,
 }
 
+/// How often the database is rescanned while inotify works.
 const RESCAN: Duration = Duration::from_secs(3);
+/// Without inotify the database is the only source, so it is polled more often.
+const POLL_ONLY: Duration = Duration::from_secs(1);
+/// Rescans reach back this many seconds before the newest registration time seen: Nix reads
+/// the clock before its transaction commits, so a row can become visible after a row with a
+/// later time. Re-reading a few seconds of rows costs only set lookups.
+const RESCAN_OVERLAP: i64 = 2;
+/// Paths per queue entry for `--all`. The drainer gives up on an entry whole when one path in
+/// its closure cannot be uploaded (vanished from the store, corrupt), so paths found while
+/// watching get an entry each; the store's whole contents are grouped to keep the queue short.
+const ALL_ENTRY_PATHS: usize = 32;
 
 /// Tracks which valid paths have been seen, and queues new ones.
 struct Finder {
@@ -48,6 +64,8 @@ struct Finder {
     seen: HashSet<StorePath>,
     /// Registration time (seconds) of the newest path seen; rescans start there.
     since: i64,
+    /// A roots directory that cannot be written fails for every path: say so once.
+    roots_warned: bool,
 }
 
 impl Finder {
@@ -66,10 +84,11 @@ impl Finder {
             include_drv: opts.include_drv,
             seen: HashSet::new(),
             since,
+            roots_warned: false,
         };
         if opts.all {
             let paths: Vec<StorePath> = existing.into_iter().map(|(p, _)| p).collect();
-            f.enqueue(paths)?;
+            f.enqueue(paths, ALL_ENTRY_PATHS)?;
         } else {
             f.seen = existing.into_iter().map(|(p, _)| p).collect();
         }
@@ -80,25 +99,70 @@ impl Finder {
         self.include_drv || !p.is_derivation()
     }
 
-    fn enqueue(&mut self, paths: Vec<StorePath>) -> anyhow::Result<usize> {
-        let include_drv = self.include_drv;
+    /// Queues the wanted paths not seen before. A path counts as seen only once its queue
+    /// entry is on disk, so a failure here leaves it to the next event or rescan.
+    fn enqueue(&mut self, paths: Vec<StorePath>, per_entry: usize) -> anyhow::Result<usize> {
+        let mut fresh = HashSet::new();
         let new: Vec<StorePath> = paths
             .into_iter()
-            .filter(|p| include_drv || !p.is_derivation())
-            .filter(|p| self.seen.insert(p.clone()))
+            .filter(|p| self.wanted(p) && !self.seen.contains(p) && fresh.insert(p.clone()))
             .collect();
-        if new.is_empty() {
-            return Ok(0);
+        let mut queued = 0;
+        for chunk in new.chunks(per_entry.max(1)) {
+            // Root first, then confirm validity: a path still valid once its root exists
+            // cannot be collected before it is uploaded. Rooting is best effort: a path we
+            // cannot protect is still worth queueing.
+            if let Err(e) = self.roots.protect_all(chunk)
+                && !self.roots_warned
+            {
+                tracing::warn!(
+                    "{e}; paths waiting for upload are not protected from garbage collection (set gc-roots-dir to a writable directory under /nix/var/nix/gcroots)"
+                );
+                self.roots_warned = true;
+            }
+            let valid = match self.still_valid(chunk) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.release(chunk);
+                    return Err(e);
+                }
+            };
+            let gone: Vec<StorePath> = chunk
+                .iter()
+                .filter(|p| !valid.contains(p))
+                .cloned()
+                .collect();
+            self.release(&gone);
+            if valid.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.queue.enqueue(&valid, None) {
+                self.release(&valid);
+                return Err(e.into());
+            }
+            queued += valid.len();
+            self.seen.extend(valid);
         }
-        for p in &new {
-            // Best effort: a path we cannot protect is still worth queueing.
-            if let Err(e) = self.roots.protect(p) {
-                tracing::warn!("{e}");
+        if queued > 0 {
+            tracing::debug!("queued {queued} new paths");
+        }
+        Ok(queued)
+    }
+
+    fn still_valid(&self, paths: &[StorePath]) -> anyhow::Result<Vec<StorePath>> {
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            if self.store.is_valid(p)? {
+                out.push(p.clone());
             }
         }
-        self.queue.enqueue(&new, None)?;
-        tracing::debug!("queued {} new paths", new.len());
-        Ok(new.len())
+        Ok(out)
+    }
+
+    fn release(&self, paths: &[StorePath]) {
+        for p in paths {
+            self.roots.release(p);
+        }
     }
 
     /// Candidates from filesystem events: queue those that are valid now.
@@ -116,23 +180,46 @@ impl Finder {
                 valid.push(p);
             }
         }
-        self.enqueue(valid)
+        self.enqueue(valid, 1)
     }
 
-    /// Everything registered since the newest path seen.
+    /// Everything registered since (shortly before) the newest path seen.
     fn rescan(&mut self) -> anyhow::Result<usize> {
-        let rows = self.store.registered_since(self.since)?;
-        if let Some(t) = rows.iter().map(|(_, t)| *t).max() {
+        let rows = self
+            .store
+            .registered_since(self.since.saturating_sub(RESCAN_OVERLAP))?;
+        let newest = rows.iter().map(|(_, t)| *t).max();
+        let n = self.enqueue(rows.into_iter().map(|(p, _)| p).collect(), 1)?;
+        // Only after everything was queued: a failed rescan is repeated from the same point.
+        if let Some(t) = newest {
             self.since = self.since.max(t);
         }
-        self.enqueue(rows.into_iter().map(|(p, _)| p).collect())
+        Ok(n)
     }
 }
 
-/// Watches the store and feeds the queue until `stop` fires; a last rescan runs then, so
-/// whatever a finished command built is queued before the caller drains.
-async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Option<String>>();
+enum Job {
+    Rescan,
+    Check(HashSet<String>),
+}
+
+async fn run_job(finder: &Arc<Mutex<Finder>>, job: Job) -> anyhow::Result<usize> {
+    let finder = finder.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut f = finder.lock().unwrap_or_else(|e| e.into_inner());
+        match job {
+            Job::Rescan => f.rescan(),
+            Job::Check(names) => f.check(names),
+        }
+    })
+    .await
+    .context("store watcher task failed")?
+}
+
+/// Store-directory events, as candidate names; `None` means events were lost (rescan).
+fn store_events(
+    tx: mpsc::UnboundedSender<Option<String>>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
@@ -141,11 +228,11 @@ async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyho
                 }
                 for p in ev.paths {
                     if let Some(name) = p.file_name() {
-                        let _ = tx.send(Some(name.to_string_lossy().to_string()));
+                        let _ = tx.send(Some(name.to_string_lossy().into_owned()));
                     }
                 }
             }
-            // An error from the watcher means events may be lost: rescan.
+            // An error from the watcher means events may be lost.
             Err(_) => {
                 let _ = tx.send(None);
             }
@@ -155,46 +242,82 @@ async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyho
     watcher
         .watch(Path::new(STORE_DIR), notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("{STORE_DIR}: cannot watch the store"))?;
+    Ok(watcher)
+}
 
-    let run_blocking = |f: Arc<Mutex<Finder>>, names: Option<HashSet<String>>| async move {
-        tokio::task::spawn_blocking(move || {
-            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-            match names {
-                Some(n) => f.check(n),
-                None => f.rescan(),
-            }
-        })
-        .await
-        .context("watcher task failed")?
+/// Watches the store and feeds the queue until `stop` fires; a last rescan runs then, so
+/// whatever was registered up to that moment is queued before the caller drains. Errors
+/// while watching are logged and retried (nothing is marked seen until it is queued); only
+/// a failure of the last rescan is returned.
+async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Option<String>>();
+    let (watcher, period) = match store_events(tx) {
+        Ok(w) => (Some(w), RESCAN),
+        Err(e) => {
+            tracing::warn!(
+                "{e:#}; finding new paths by reading the store database every {}s instead",
+                POLL_ONLY.as_secs()
+            );
+            (None, POLL_ONLY)
+        }
     };
-
-    let mut tick = tokio::time::interval(RESCAN);
+    let mut events = watcher.is_some();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
-        tokio::select! {
+        let jobs = tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => { run_blocking(finder.clone(), None).await?; }
-            first = rx.recv() => {
-                let Some(first) = first else { break };
+            _ = tick.tick() => vec![Job::Rescan],
+            first = rx.recv(), if events => {
+                let Some(first) = first else {
+                    events = false;
+                    continue;
+                };
                 let mut names = HashSet::new();
                 let mut rescan = first.is_none();
                 names.extend(first);
-                // Take the whole burst at once.
+                // Take a burst at once: one database transaction's worth of paths tends to
+                // arrive as many events within milliseconds.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while let Ok(n) = rx.try_recv() {
                     match n {
-                        Some(n) => { names.insert(n); }
+                        Some(n) => {
+                            names.insert(n);
+                        }
                         None => rescan = true,
                     }
                 }
+                let mut jobs = Vec::new();
                 if rescan {
-                    run_blocking(finder.clone(), None).await?;
+                    tracing::debug!("store events were lost; rescanning the store database");
+                    jobs.push(Job::Rescan);
                 }
-                run_blocking(finder.clone(), Some(names)).await?;
+                jobs.push(Job::Check(names));
+                jobs
+            }
+        };
+        for job in jobs {
+            match run_job(&finder, job).await {
+                Ok(_) if failing => {
+                    tracing::info!("reading the store database works again");
+                    failing = false;
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    tracing::warn!(
+                        "{e:#}; new paths are picked up at the next rescan once this works"
+                    );
+                    failing = true;
+                }
+                Err(_) => {}
             }
         }
     }
-    run_blocking(finder.clone(), None).await?;
-    Ok(())
+    run_job(&finder, Job::Rescan)
+        .await
+        .map(|_| ())
+        .context("last rescan of the store database failed; recently built paths may not be queued")
 }
 
 async fn setup(
@@ -212,107 +335,266 @@ async fn setup(
     Ok((lock, drainer, Arc::new(Mutex::new(finder))))
 }
 
+/// SIGTERM and SIGINT, as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) -> rustix::process::Signal {
+        tokio::select! {
+            _ = self.term.recv() => rustix::process::Signal::TERM,
+            _ = self.int.recv() => rustix::process::Signal::INT,
+        }
+    }
+
+    /// From now on a signal exits at once with `code`: the queue is on disk, so nothing is
+    /// lost, and `first` (if given) is cancelled by the first signal instead.
+    fn exit_on_next(mut self, first: Option<CancellationToken>, code: i32, queue_dir: String) {
+        tokio::spawn(async move {
+            if let Some(first) = first {
+                self.recv().await;
+                eprintln!("narpost: stopping uploads (signal again to exit now)");
+                first.cancel();
+            }
+            self.recv().await;
+            eprintln!("narpost: exiting now; paths not yet uploaded stay queued in {queue_dir}");
+            std::process::exit(code);
+        });
+    }
+}
+
+/// Stops the finder (which queues what was registered last) and drains the queue until it is
+/// empty or `deadline` passes. A signal cuts this short through `stop`.
+async fn finish(
+    drainer: &mut Drainer,
+    find_stop: CancellationToken,
+    finding: JoinHandle<anyhow::Result<()>>,
+    stop: CancellationToken,
+    deadline: Instant,
+) -> Option<Totals> {
+    find_stop.cancel();
+    match finding.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("narpost: {e:#}"),
+        Err(e) => eprintln!("narpost: store watcher task failed: {e}"),
+    }
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            stop.cancel();
+        })
+    };
+    // Nothing new is queued any more, so there is nothing to wake the drainer for.
+    let (_tx, rx) = mpsc::channel(1);
+    let totals = match drainer.run(stop, rx, true).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("narpost: {e:#}");
+            None
+        }
+    };
+    timer.abort();
+    totals
+}
+
+/// Prints "pushed N paths, M already cached, K left queued" and, when something was not
+/// uploaded, why and where it stays.
+fn print_summary(cfg: &Config, queue: &Queue, totals: Option<Totals>, failed_before: usize) {
+    let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (pushed, already_cached) = match (totals, &state) {
+        (Some(t), _) => (t.pushed, t.already_cached),
+        (None, Some(s)) => (s.pushed, s.already_cached),
+        (None, None) => (0, 0),
+    };
+    let left = queue
+        .depth()
+        .unwrap_or_else(|_| totals.map_or(0, |t| t.left));
+    eprintln!(
+        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued"
+    );
+    let failed = queue
+        .failed()
+        .map(|f| f.len().saturating_sub(failed_before))
+        .unwrap_or(0);
+    if left == 0 && failed == 0 {
+        return;
+    }
+    if let Some(e) = state.and_then(|s| s.last_error) {
+        eprintln!("narpost: upload failed: {e}");
+    }
+    if left > 0 {
+        eprintln!(
+            "narpost: {left} queue entries were not uploaded; they stay in {} for the next `narpost daemon` or watcher with this state directory",
+            queue.queue_dir().display()
+        );
+    }
+    if failed > 0 {
+        eprintln!(
+            "narpost: {failed} queue entries failed and will not be retried; `narpost status` shows why"
+        );
+    }
+}
+
+fn failed_count(queue: &Queue) -> usize {
+    queue.failed().map(|f| f.len()).unwrap_or(0)
+}
+
 pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
     let (_lock, mut drainer, finder) = setup(&cfg, opts).await?;
-    let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone())?;
+    let failed_before = failed_count(drainer.queue());
+    let find_stop = CancellationToken::new();
+    let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
     let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
-    let finding = tokio::spawn(find_loop(finder, stop.clone()));
+    // Said only once the store's contents at start are recorded: anything registered from
+    // now on is pushed.
     eprintln!(
         "narpost: watching {STORE_DIR}; pushing new paths to {}",
         cfg.cache
     );
-    let totals = drainer.run(stop.clone(), wake, false).await?;
-    stop.cancel();
-    finding.await.context("watcher task failed")??;
-    eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} left queued",
-        totals.pushed,
-        totals.already_cached,
-        drainer.queue().depth().unwrap_or(totals.left)
-    );
+
+    let queue_dir = drainer.queue().queue_dir().display().to_string();
+    let live_stop = CancellationToken::new();
+    let deadline = {
+        let live = drainer.run(live_stop.clone(), wake, false);
+        tokio::pin!(live);
+        let ended = tokio::select! {
+            _ = signals.recv() => None,
+            // The drain loop only ends by itself on an error.
+            r = &mut live => Some(r),
+        };
+        if let Some(r) = ended {
+            // Stop watching; what was found is in the durable queue for the next drainer.
+            find_stop.cancel();
+            let _ = finding.await;
+            r?;
+            anyhow::bail!("the drain loop ended unexpectedly");
+        }
+        // One deadline from the signal on, covering uploads under way and what is queued.
+        let deadline = Instant::now() + cfg.drain_timeout;
+        eprintln!(
+            "narpost: stopping: pushing what is queued (up to {}s; signal again to exit now)",
+            cfg.drain_timeout.as_secs()
+        );
+        signals.exit_on_next(None, 130, queue_dir);
+        live_stop.cancel();
+        if let Err(e) = live.await {
+            eprintln!("narpost: {e:#}");
+        }
+        deadline
+    };
+    let stop = CancellationToken::new();
+    let totals = finish(&mut drainer, find_stop, finding, stop, deadline).await;
+    print_summary(&cfg, drainer.queue(), totals, failed_before);
     Ok(())
 }
 
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match status.code() {
+        Some(c) => c.clamp(0, 255) as u8,
+        None => 128u8.saturating_add(status.signal().unwrap_or(0).clamp(0, 127) as u8),
+    }
+}
+
 /// Runs `command`, pushes what it built, and returns its exit code (128 + signal when it
-/// was killed), whatever happened to the uploads.
+/// was killed), whatever happened to the uploads. Only when the command cannot be started
+/// at all (narpost's own set-up failed, or the program cannot be run) is an error returned.
 pub async fn watch_exec(
     cfg: Config,
     opts: WatchOptions,
     command: Vec<String>,
 ) -> anyhow::Result<u8> {
-    let (_lock, mut drainer, finder) = setup(&cfg, opts).await?;
     let (program, args) = command
         .split_first()
         .context("watch-exec needs a command after --")?;
+    let mut signals = Signals::new()?;
+    let (_lock, mut drainer, finder) = setup(&cfg, opts)
+        .await
+        .context("cannot watch the store; the command was not run")?;
+    let failed_before = failed_count(drainer.queue());
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
     let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
 
+    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            find_stop.cancel();
+            let _ = finding.await;
+            // The shell's codes, so CI reads it as the command's failure.
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            eprintln!("narpost: {program}: cannot run command: {e}");
+            return Ok(code);
+        }
+    };
+
     // Upload while the command runs, so a build that fails late still leaves its finished
     // dependencies cached.
-    let drain_stop = CancellationToken::new();
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .spawn()
-        .with_context(|| format!("{program}: cannot run command"))?;
-    let status = {
-        let drain = drainer.run(drain_stop.clone(), wake, false);
-        tokio::pin!(drain);
-        let status = tokio::select! {
-            s = child.wait() => s,
-            r = &mut drain => {
-                // The drainer only ends early on an error; report it and keep the command running.
-                if let Err(e) = r { eprintln!("narpost: {e:#}"); }
-                child.wait().await
+    let live_stop = CancellationToken::new();
+    let (status, deadline) = {
+        let live = drainer.run(live_stop.clone(), wake, false);
+        tokio::pin!(live);
+        let mut live_done = false;
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                sig = signals.recv() => {
+                    // The command decides how to stop; its exit code is the one returned.
+                    if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+                        let _ = rustix::process::kill_process(pid, sig);
+                    }
+                }
+                r = &mut live, if !live_done => {
+                    live_done = true;
+                    if let Err(e) = r {
+                        eprintln!("narpost: uploads stopped: {e:#}; trying again when the command exits");
+                    }
+                }
             }
         };
-        drain_stop.cancel();
-        let _ = drain.await;
-        status.with_context(|| format!("{program}: cannot wait for command"))?
+        // One deadline from the command's exit on, covering uploads under way and what is
+        // still queued.
+        let deadline = Instant::now() + cfg.drain_timeout;
+        live_stop.cancel();
+        if !live_done && let Err(e) = live.await {
+            eprintln!("narpost: {e:#}");
+        }
+        (status, deadline)
     };
-    let code = match status.code() {
-        Some(c) => c.clamp(0, 255) as u8,
-        None => {
-            use std::os::unix::process::ExitStatusExt;
-            128u8.saturating_add(status.signal().unwrap_or(0) as u8)
+    let code = match status {
+        Ok(s) => exit_code(s),
+        Err(e) => {
+            eprintln!("narpost: {program}: cannot wait for command: {e}");
+            1
         }
     };
 
     // The command is done: one last scan, then drain what is queued, bounded by the timeout.
-    find_stop.cancel();
-    if let Err(e) = finding.await.context("watcher task failed").and_then(|r| r) {
-        eprintln!("narpost: {e:#}");
-    }
     let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone())?;
-    let deadline = {
-        let stop = stop.clone();
-        let t = cfg.drain_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(t).await;
-            stop.cancel();
-        })
-    };
-    let (_tx, rx) = mpsc::channel(1);
-    let totals = match drainer.run(stop, rx, true).await {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("narpost: {e:#}");
-            Default::default()
-        }
-    };
-    deadline.abort();
-    let left = drainer.queue().depth().unwrap_or(totals.left);
-    eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} left queued",
-        totals.pushed, totals.already_cached, left
+    signals.exit_on_next(
+        Some(stop.clone()),
+        i32::from(code),
+        drainer.queue().queue_dir().display().to_string(),
     );
-    if left > 0 {
-        eprintln!(
-            "narpost: {left} queue entries were not uploaded in time; they stay in {}",
-            drainer.queue().queue_dir().display()
-        );
-    }
+    let totals = finish(&mut drainer, find_stop, finding, stop, deadline).await;
+    print_summary(&cfg, drainer.queue(), totals, failed_before);
     Ok(code)
 }
