@@ -166,7 +166,10 @@ mod tests {
         // The NarHash check, not zstd, decides about a store path whose size changed.
         let data = sample(6 << 20);
         for expected in [1u64, 5 << 20, 7 << 20] {
-            assert_eq!(zstd::decode_all(&compress(&data, expected)[..]).expect("decode"), data);
+            assert_eq!(
+                zstd::decode_all(&compress(&data, expected)[..]).expect("decode"),
+                data
+            );
         }
     }
 

@@ -169,7 +169,7 @@ impl Config {
             gc_roots_dir: env("NARPOST_GC_ROOTS_DIR")
                 .map(PathBuf::from)
                 .or(file.gc_roots_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_GC_ROOTS_DIR)),
+                .unwrap_or_else(|| default_gc_roots_dir(&state_dir)),
             drain_timeout: Duration::from_secs(
                 flags.drain_timeout.or(file.drain_timeout).unwrap_or(30),
             ),
@@ -182,9 +182,10 @@ impl Config {
     /// The bearer token: `NARPOST_TOKEN` itself, or the first line of the token file.
     pub fn token(&self) -> Result<Option<String>, ConfigError> {
         if let Ok(t) = std::env::var("NARPOST_TOKEN")
-            && !t.trim().is_empty() {
-                return Ok(Some(t.trim().to_string()));
-            }
+            && !t.trim().is_empty()
+        {
+            return Ok(Some(t.trim().to_string()));
+        }
         match &self.token_file {
             Some(p) => Ok(Some(read_secret(p)?)),
             None => Ok(None),
@@ -201,6 +202,18 @@ impl Config {
             .ok_or_else(|| ConfigError::BasicAuth { path: p.clone() })?;
         Ok(Some((user.to_string(), password.to_string())))
     }
+}
+
+/// The system state directory gets the plain roots directory; any other state directory
+/// (a CI job's, a user's) gets one of its own beside it, because a drainer adopts every root
+/// in its directory that has no queue entry, and must never adopt another queue's roots.
+pub fn default_gc_roots_dir(state_dir: &Path) -> PathBuf {
+    if state_dir == Path::new(DEFAULT_STATE_DIR) {
+        return PathBuf::from(DEFAULT_GC_ROOTS_DIR);
+    }
+    let absolute = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = crate::format::hash::Sha256::digest(absolute.as_os_str().as_encoded_bytes());
+    PathBuf::from(format!("{DEFAULT_GC_ROOTS_DIR}-{}", &digest.to_hex()[..12]))
 }
 
 fn default_jobs() -> usize {
@@ -230,6 +243,24 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_state_dir_gets_its_own_default_roots_dir() {
+        use super::*;
+        assert_eq!(
+            default_gc_roots_dir(Path::new(DEFAULT_STATE_DIR)),
+            PathBuf::from(DEFAULT_GC_ROOTS_DIR)
+        );
+        let a = default_gc_roots_dir(Path::new("/tmp/ci-a/narpost"));
+        let b = default_gc_roots_dir(Path::new("/tmp/ci-b/narpost"));
+        assert_ne!(a, b);
+        assert!(
+            a.to_string_lossy()
+                .starts_with(&format!("{DEFAULT_GC_ROOTS_DIR}-")),
+            "{a:?}"
+        );
+        assert_eq!(a, default_gc_roots_dir(Path::new("/tmp/ci-a/narpost")));
+    }
+
     use super::*;
 
     #[test]

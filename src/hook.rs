@@ -76,7 +76,7 @@ pub fn main(config_file: Option<&Path>, state_dir: &Path) {
         std::env::var_os("NARPOST_GC_ROOTS_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_GC_ROOTS_DIR))
+            .unwrap_or_else(|| crate::config::default_gc_roots_dir(state_dir))
     };
     let gcroots_dir = match loaded {
         Ok(Ok(cfg)) => cfg.gc_roots_dir,

@@ -795,10 +795,10 @@ mod tests {
             let name = nar.info.path.name().to_string();
             // Let other tasks run, so that a wrong order has the chance to show.
             tokio::time::sleep(Duration::from_millis(2)).await;
-            if let Some(errors) = self.nar_errors.lock().unwrap().get_mut(&name) {
-                if !errors.is_empty() {
-                    return Err(errors.remove(0));
-                }
+            if let Some(errors) = self.nar_errors.lock().unwrap().get_mut(&name)
+                && !errors.is_empty()
+            {
+                return Err(errors.remove(0));
             }
             self.log.lock().unwrap().push(format!("nar {name}"));
             Ok(format!("nar/{name}.nar"))

@@ -25,7 +25,7 @@ fn file_cache_closure_substitutes_with_signatures_required() {
         .arg(&key)
         .arg(top.to_absolute()));
     let text = stdout(&out) + &stderr(&out);
-    let closure = nix_closure(&[top.clone()]);
+    let closure = nix_closure(std::slice::from_ref(&top));
     assert!(closure.len() >= 4, "closure: {closure:?}");
     let dir = CacheDir::new(&cache);
     for p in &closure {
@@ -57,7 +57,7 @@ fn file_cache_closure_substitutes_with_signatures_required() {
 
     // A store trusting another key refuses everything.
     let (_, other) = env.keygen("other-cache-1");
-    let err = substitute(env.path(), &url, &other, &[top.clone()])
+    let err = substitute(env.path(), &url, &other, std::slice::from_ref(&top))
         .expect_err("a fresh store trusting another key must refuse the paths");
     assert!(
         err.contains("signature") || err.contains("lacks a valid"),
@@ -92,7 +92,7 @@ fn http_cache_gets_nars_before_narinfos_and_references_first() {
         .arg(&key)
         .arg(top.to_absolute()));
     let text = stdout(&out) + &stderr(&out);
-    let closure = nix_closure(&[top.clone()]);
+    let closure = nix_closure(std::slice::from_ref(&top));
     let cache = nginx.cache();
     assert_eq!(cache.narinfos().len(), closure.len(), "{text}");
     cache.assert_complete();
@@ -105,7 +105,7 @@ fn http_cache_gets_nars_before_narinfos_and_references_first() {
 
     assert_substitutes(&env, &nginx.url(), &public, &outs);
     let (_, other) = env.keygen("other-http-1");
-    assert!(substitute(env.path(), &nginx.url(), &other, &[top.clone()]).is_err());
+    assert!(substitute(env.path(), &nginx.url(), &other, std::slice::from_ref(&top)).is_err());
 
     let puts_before = nginx.puts().len();
     let out = run(env
@@ -335,7 +335,8 @@ fn bad_input_gives_one_clear_line() {
             .arg(&top_abs),
     );
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    for e in [&err] {
+    {
+        let e = &err;
         assert!(
             e.lines().filter(|l| l.starts_with("narpost: ")).count() == 1,
             "one error line: {e}"

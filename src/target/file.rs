@@ -173,12 +173,11 @@ impl Inner {
             fs::create_dir_all(&path)
                 .map_err(|e| self.io_err(e, "cannot create directory", &path))?;
         }
-        if created_root
-            && let Some(parent) = self.dir.parent() {
-                // Best effort: the directories only need to survive once something is in them,
-                // and each narinfo commit syncs the root again.
-                let _ = sync_dir(parent);
-            }
+        if created_root && let Some(parent) = self.dir.parent() {
+            // Best effort: the directories only need to survive once something is in them,
+            // and each narinfo commit syncs the root again.
+            let _ = sync_dir(parent);
+        }
         sync_dir(&self.dir).map_err(|e| self.io_err(e, "cannot sync directory", &self.dir))?;
 
         let info_path = self.dir.join("nix-cache-info");
@@ -239,13 +238,15 @@ impl Inner {
     fn put_nar(&self, spool: &Path, key: &str, size: u64) -> Result<(), TargetError> {
         let dest = self.dir.join(key);
         if let Ok(meta) = fs::metadata(&dest)
-            && meta.is_file() && meta.len() == size {
-                File::open(&dest)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| self.io_err(e, "cannot sync", &dest))?;
-                self.nar_dir.note_rename();
-                return Ok(());
-            }
+            && meta.is_file()
+            && meta.len() == size
+        {
+            File::open(&dest)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| self.io_err(e, "cannot sync", &dest))?;
+            self.nar_dir.note_rename();
+            return Ok(());
+        }
 
         let file =
             File::open(spool).map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
@@ -789,7 +790,7 @@ pub(super) mod tests {
             t.join().unwrap();
         }
         let syncs = sync.syncs.load(Ordering::Relaxed);
-        assert!(syncs >= 1 && syncs < 512, "{syncs} syncs for 512 commits");
+        assert!((1..512).contains(&syncs), "{syncs} syncs for 512 commits");
     }
 
     /// How long the target's own work takes for many tiny paths, committed the way the
