@@ -89,7 +89,7 @@ fn main() {
     let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("hook/narpost-hook");
     let wrapper_cmd = || {
         let mut cmd = Command::new(&wrapper);
-        cmd.env("NARPOST_BIN", narpost_bin())
+        cmd.env("NARPOST_BIN", env!("CARGO_BIN_EXE_narpost-hook"))
             .env("NARPOST_STATE_DIR", &state)
             .env("NARPOST_GC_ROOTS_DIR", &gcroots)
             .env("NARPOST_CACHE", &dead_cache)
@@ -133,11 +133,21 @@ fn main() {
             took
         })
         .collect::<Vec<_>>();
+    let small_cmd = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_narpost-hook"));
+        cmd.env("NARPOST_STATE_DIR", &state)
+            .env("NARPOST_GC_ROOTS_DIR", &gcroots)
+            .env("NARPOST_CACHE", &dead_cache)
+            .env("OUT_PATHS", "")
+            .env("DRV_PATH", &drv);
+        cmd
+    };
     let direct = time_each(sizes.runs, true, |_| hook_cmd());
+    let small = time_each(sizes.runs, true, |_| small_cmd());
     let wrapped = time_each(sizes.runs, true, |_| wrapper_cmd());
     assert_eq!(
         queue.depth().expect("depth"),
-        sizes.queued + 3 * sizes.runs,
+        sizes.queued + 4 * sizes.runs,
         "every hook run queued one entry"
     );
 
@@ -173,7 +183,8 @@ fn main() {
     row("fdatasync a new 200-byte file, for scale", &sync);
     row("the hook's work in-process (hook::run_to)", &in_process);
     row("narpost hook (DRV_PATH, empty OUT_PATHS)", &direct);
-    row("hook/narpost-hook (sh wrapper + narpost)", &wrapped);
+    row("narpost-hook (the small hook binary)", &small);
+    row("hook/narpost-hook (sh wrapper + narpost-hook)", &wrapped);
     row("nix copy --to file://...?compression=zstd", &file_copy);
     row("nix copy --to http://nginx?compression=zstd", &http_copy);
 }

@@ -10,6 +10,8 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
                 - nix copy                (file://...?compression=zstd)
                 - raw pipe                (`nix-store --dump P | zstd -3` path by path)
                 - 2-core limit            (`nix-store --dump` of every path into one `zstd -3 -T2`)
+                - narpost push to S3      (s3s-fs on 127.0.0.1 via benches/s3-server, a fresh
+                                           bucket per run)
   tiny paths    1,000 store paths of one small file each
                 - narpost push, nix copy
 
@@ -141,6 +143,7 @@ def main():
     ap.add_argument("--narpost", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "narpost"))
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--tiny-count", type=int, default=1000)
     args = ap.parse_args()
     narpost = os.path.abspath(args.narpost)
@@ -193,6 +196,9 @@ def main():
             rows.append((group, "nix copy", c_t, c_m, size))
             rows.append((group, "nix-store --dump | zstd -3 (per path)", r_t, r_m, size))
             rows.append((group, "nix-store --dump | zstd -3 -T2 (2-core limit)", l_t, l_m, size))
+            if not args.skip_s3:
+                s_t, s_m = s3_run(args.runs, narpost, state, key, top, scratch)
+                rows.append((group, "narpost push to S3 (s3s-fs, 127.0.0.1)", s_t, s_m, size))
         if not args.skip_tiny:
             tiny = build_tiny(scratch, nonce, args.tiny_count)
             size = sum(nar_size([p]) for p in tiny[:1]) * len(tiny)
@@ -205,6 +211,42 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
 
     print_table(rows)
+
+
+def s3_run(runs, narpost, state, key, top, scratch):
+    """narpost into a fresh bucket of a local s3s-fs per run; returns (median s, peak RSS)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(scratch, "s3")
+    os.makedirs(root)
+    out = subprocess.run([os.path.join(here, "s3-server"), "start", root], check=True,
+                         capture_output=True, text=True).stdout
+    env = dict(NIX_ENV)
+    for line in out.splitlines():
+        line = line.removeprefix("export ")
+        for item in line.split(" "):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                env[k] = v.strip("'")
+    port = env["S3_CACHE"].rsplit(":", 1)[1]
+    times, rss = [], []
+    try:
+        for i in range(runs):
+            bucket = f"run-{i}"
+            os.makedirs(os.path.join(root, bucket))
+            url = f"s3://{bucket}?region=us-east-1&endpoint=http://127.0.0.1:{port}"
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                [narpost, "--state-dir", state, "push", "--to", url, "--key", key, top],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                sys.exit("bench: narpost push to S3 failed")
+            times.append(time.monotonic() - start)
+            rss.append(usage.ru_maxrss)
+            shutil.rmtree(os.path.join(root, bucket), ignore_errors=True)
+    finally:
+        subprocess.run([os.path.join(here, "s3-server"), "stop", root], capture_output=True)
+    return statistics.median(times), max(rss)
 
 
 def print_table(rows):
