@@ -29,7 +29,7 @@
 //! A hung server must become an error, never a stuck upload, yet a large NAR on a slow link
 //! legitimately takes hours. So API calls get the timeout (the `http-timeout` setting) as a
 //! total, while an upload fails only when the connection has taken no new NAR bytes for that
-//! long, or when, after the last byte, no answer comes within [`ANSWER_TIMEOUT_FACTOR`] times
+//! long, or when, after the last byte, no answer comes within [`stall::ANSWER_TIMEOUT_FACTOR`] times
 //! it (the server still hashes, compresses and stores the end of the NAR before answering).
 //!
 //! # Errors
@@ -42,9 +42,8 @@
 //! path no longer matches its recorded hash), the error says so and is permanent.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -53,6 +52,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
+use super::stall::{self, Progress};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::nixbase32;
@@ -65,8 +65,6 @@ pub const PREAMBLE_THRESHOLD: usize = 4 * 1024;
 const MISSING_BATCH: usize = 1_000;
 /// How long a connection may make no progress unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Once the whole NAR is sent, the answer may take this many timeouts (see the module doc).
-pub const ANSWER_TIMEOUT_FACTOR: u32 = 5;
 
 const NAR_INFO_HEADER: &str = "X-Attic-Nar-Info";
 const PREAMBLE_SIZE_HEADER: &str = "X-Attic-Nar-Info-Preamble-Size";
@@ -92,42 +90,6 @@ struct OpenedCache {
     /// Where API calls go: the server's `api_endpoint` if it named one.
     api: Url,
     upstream_key_names: Vec<String>,
-}
-
-/// When an upload last made progress, and whether its body is complete.
-struct Progress {
-    start: Instant,
-    /// Milliseconds after `start`.
-    last_ms: AtomicU64,
-    finished: AtomicBool,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            finished: AtomicBool::new(false),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn finish(&self) {
-        self.touch();
-        self.finished.store(true, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    fn finished(&self) -> bool {
-        self.finished.load(Ordering::Relaxed)
-    }
 }
 
 /// The metadata of one upload, with Attic's field names and types.
@@ -320,36 +282,18 @@ impl AtticTarget {
         progress: &Progress,
         action: &str,
     ) -> Result<reqwest::Response, TargetError> {
-        tokio::pin!(send);
-        loop {
-            let limit = if progress.finished() {
-                self.timeout * ANSWER_TIMEOUT_FACTOR
-            } else {
-                self.timeout
-            };
-            let deadline = progress.last() + limit;
-            tokio::select! {
-                result = &mut send => return result.map_err(|e| self.request_error(&e, action)),
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    if progress.last() + limit > Instant::now() {
-                        continue;
-                    }
-                    let what = if progress.finished() {
-                        "the whole NAR was sent, but no answer came"
-                    } else {
-                        "the server stopped taking the NAR"
-                    };
-                    return Err(TargetError::transient(format!(
-                        "{}: timed out while {action}: {what} for {}s",
-                        self.server_name(),
-                        limit.as_secs()
-                    ))
-                    .with_hint(format!(
-                        "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
-                        self.server_name()
-                    )));
-                }
-            }
+        match stall::watch(send, progress, self.timeout).await {
+            Ok(result) => result.map_err(|e| self.request_error(&e, action)),
+            Err(stalled) => Err(TargetError::transient(format!(
+                "{}: timed out while {action}: {} for {}s",
+                self.server_name(),
+                stalled.what(),
+                stalled.waited.as_secs()
+            ))
+            .with_hint(format!(
+                "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
+                self.server_name()
+            ))),
         }
     }
 

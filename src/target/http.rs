@@ -23,7 +23,7 @@
 //! a slow link legitimately takes hours, so there is no total timeout on NAR uploads.
 //! Instead a watchdog fails the upload when the connection has taken no new body data for
 //! the read timeout, and, once the whole body has been handed over, when no answer arrives
-//! within [`ANSWER_TIMEOUT_FACTOR`] times it (the socket buffers may still hold megabytes
+//! within [`stall::ANSWER_TIMEOUT_FACTOR`] times it (the socket buffers may still hold megabytes
 //! that a slow link has to drain first). Small requests (`HEAD`, `GET`, narinfo `PUT`) get
 //! the read timeout as a total. reqwest's own `read_timeout` is not used: it runs from the
 //! start of the request to the response headers, which would cut long uploads short.
@@ -37,14 +37,14 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 
+use super::stall::{self, Progress};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
@@ -58,10 +58,6 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection may show no progress. nginx's own body timeout is 60 s too.
 const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// After a NAR's body has been handed to the connection, the answer may take this many
-/// read timeouts: the bytes still in socket buffers have to cross the link first.
-pub const ANSWER_TIMEOUT_FACTOR: u32 = 5;
 
 /// `nix-cache-info` answers longer than this are not cache infos (and not worth reading).
 const MAX_CACHE_INFO: usize = 64 * 1024;
@@ -273,33 +269,13 @@ impl HttpTarget {
         progress: &Progress,
         url: &Url,
     ) -> Result<Response, TargetError> {
-        tokio::pin!(send);
-        loop {
-            let limit = if progress.finished() {
-                self.read_timeout * ANSWER_TIMEOUT_FACTOR
-            } else {
-                self.read_timeout
-            };
-            let deadline = progress.last() + limit;
-            tokio::select! {
-                result = &mut send => {
-                    return result.map_err(|e| transport_error(url, &e, self.read_timeout));
-                }
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    if progress.last() + limit > Instant::now() {
-                        continue;
-                    }
-                    let what = if progress.finished() {
-                        "the whole NAR was sent, but no answer came"
-                    } else {
-                        "the server stopped taking the upload"
-                    };
-                    return Err(TargetError::transient(format!(
-                        "{url}: timed out: {what} for {}",
-                        human_duration(limit)
-                    )));
-                }
-            }
+        match stall::watch(send, progress, self.read_timeout).await {
+            Ok(result) => result.map_err(|e| transport_error(url, &e, self.read_timeout)),
+            Err(stalled) => Err(TargetError::transient(format!(
+                "{url}: timed out: {} for {}",
+                stalled.what(),
+                human_duration(stalled.waited)
+            ))),
         }
     }
 }
@@ -362,38 +338,6 @@ impl Target for HttpTarget {
         let key = format!("{}.narinfo", narinfo.store_path.hash_part());
         self.put_small(&key, "text/x-nix-narinfo", narinfo.to_string().into_bytes())
             .await
-    }
-}
-
-/// When the upload last made progress, and whether the body has been handed over completely.
-struct Progress {
-    start: Instant,
-    /// Milliseconds after `start`.
-    last_ms: AtomicU64,
-    finished: std::sync::atomic::AtomicBool,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            finished: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-    fn finish(&self) {
-        self.touch();
-        self.finished.store(true, Ordering::Relaxed);
-    }
-    fn finished(&self) -> bool {
-        self.finished.load(Ordering::Relaxed)
-    }
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
 

@@ -16,6 +16,7 @@ pub mod attic;
 pub mod file;
 pub mod http;
 pub mod s3;
+pub mod stall;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
