@@ -252,8 +252,20 @@ fn corrupted_store_path_is_refused_with_its_referrers() {
     dir.assert_complete();
 }
 
-/// Runs narpost expecting failure; returns stderr.
-fn failing(cmd: &mut std::process::Command) -> String {
+/// `narpost push --to URL --key KEY PATH` (with `http-timeout` when given), expecting it to
+/// fail; returns stderr.
+fn failed_push(
+    env: &Env,
+    url: &str,
+    key: &std::path::Path,
+    path: impl AsRef<std::ffi::OsStr>,
+    http_timeout: Option<&str>,
+) -> String {
+    let mut cmd = env.narpost();
+    if let Some(seconds) = http_timeout {
+        cmd.env("NARPOST_HTTP_TIMEOUT", seconds);
+    }
+    cmd.args(["push", "--to", url, "--key"]).arg(key).arg(path);
     let out = cmd.output().expect("run narpost");
     assert!(!out.status.success(), "expected failure: {cmd:?}");
     stderr(&out)
@@ -268,12 +280,7 @@ fn bad_input_gives_one_clear_line() {
 
     // Missing key file.
     let missing = env.path().join("nope.sec");
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", &cache, "--key"])
-            .arg(&missing)
-            .arg(&top_abs),
-    );
+    let err = failed_push(&env, &cache, &missing, &top_abs, None);
     assert!(err.starts_with("narpost: "), "{err}");
     assert!(err.contains(&missing.display().to_string()), "{err}");
     assert!(err.contains("keygen"), "hint says how to make one: {err}");
@@ -281,12 +288,7 @@ fn bad_input_gives_one_clear_line() {
     // A key readable by others.
     let (key, _) = env.keygen("loose-1");
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", &cache, "--key"])
-            .arg(&key)
-            .arg(&top_abs),
-    );
+    let err = failed_push(&env, &cache, &key, &top_abs, None);
     assert!(err.contains(&key.display().to_string()), "{err}");
     assert!(
         err.contains("chmod 600") || err.contains("chmod 0600"),
@@ -297,43 +299,22 @@ fn bad_input_gives_one_clear_line() {
     let bad = env.path().join("bad.sec");
     fs::write(&bad, "not a key\n").expect("write");
     fs::set_permissions(&bad, fs::Permissions::from_mode(0o600)).expect("chmod");
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", &cache, "--key"])
-            .arg(&bad)
-            .arg(&top_abs),
-    );
+    let err = failed_push(&env, &cache, &bad, &top_abs, None);
     assert!(err.contains(&bad.display().to_string()), "{err}");
 
     let (key, _) = env.keygen("good-1");
     // A path that is not in the store, and one that is not a store path at all.
     let absent = "/nix/store/00000000000000000000000000000000-narpost-absent";
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", &cache, "--key"])
-            .arg(&key)
-            .arg(absent),
-    );
+    let err = failed_push(&env, &cache, &key, absent, None);
     assert!(err.contains(absent), "{err}");
     assert!(err.contains("not"), "{err}");
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", &cache, "--key"])
-            .arg(&key)
-            .arg("/nix/store/short-name"),
-    );
+    let err = failed_push(&env, &cache, &key, "/nix/store/short-name", None);
     assert!(err.contains("/nix/store/short-name"), "{err}");
 
     // Nothing listens: unreachable, named, and nothing hangs.
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let err = failing(
-        env.narpost()
-            .env("NARPOST_HTTP_TIMEOUT", "3")
-            .args(["push", "--to", &url, "--key"])
-            .arg(&key)
-            .arg(&top_abs),
-    );
+    let err = failed_push(&env, &url, &key, &top_abs, Some("3"));
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     {
         let e = &err;
@@ -344,12 +325,7 @@ fn bad_input_gives_one_clear_line() {
     }
 
     // An unsupported URL.
-    let err = failing(
-        env.narpost()
-            .args(["push", "--to", "ftp://cache", "--key"])
-            .arg(&key)
-            .arg(&top_abs),
-    );
+    let err = failed_push(&env, "ftp://cache", &key, &top_abs, None);
     assert!(err.contains("ftp://cache"), "{err}");
 }
 
@@ -385,13 +361,7 @@ fn a_cache_answering_garbage_is_refused_and_gets_nothing() {
     let html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 27\r\nConnection: close\r\n\r\n<html>Welcome! Login</html>";
     let port = canned_server(html, false);
     let url = format!("http://127.0.0.1:{port}");
-    let err = failing(
-        env.narpost()
-            .env("NARPOST_HTTP_TIMEOUT", "3")
-            .args(["push", "--to", &url, "--key"])
-            .arg(&key)
-            .arg(top.to_absolute()),
-    );
+    let err = failed_push(&env, &url, &key, top.to_absolute(), Some("3"));
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(err.contains("binary cache"), "{err}");
 
@@ -399,13 +369,7 @@ fn a_cache_answering_garbage_is_refused_and_gets_nothing() {
     let port = canned_server(b"", true);
     let url = format!("http://127.0.0.1:{port}");
     let started = std::time::Instant::now();
-    let err = failing(
-        env.narpost()
-            .env("NARPOST_HTTP_TIMEOUT", "2")
-            .args(["push", "--to", &url, "--key"])
-            .arg(&key)
-            .arg(top.to_absolute()),
-    );
+    let err = failed_push(&env, &url, &key, top.to_absolute(), Some("2"));
     assert!(started.elapsed() < Duration::from_secs(50), "push hung");
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(
@@ -418,13 +382,7 @@ fn a_cache_answering_garbage_is_refused_and_gets_nothing() {
     let all_ok = b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\nConnection: close\r\n\r\nStoreDir: /nix/store\n\n\n\n\n";
     let port = canned_server(all_ok, false);
     let url = format!("http://127.0.0.1:{port}");
-    let err = failing(
-        env.narpost()
-            .env("NARPOST_HTTP_TIMEOUT", "3")
-            .args(["push", "--to", &url, "--key"])
-            .arg(&key)
-            .arg(top.to_absolute()),
-    );
+    let err = failed_push(&env, &url, &key, top.to_absolute(), Some("3"));
     assert!(err.contains("200"), "{err}");
 }
 
