@@ -1,11 +1,14 @@
 //! What a build waits for after it finishes: `narpost hook` with 10,000 entries already queued
 //! and the cache down, next to a post-build hook that runs `nix copy` to a cache that is up.
 //!
-//! `cargo bench --bench hook_latency` prints one table: p50, p99 and max over 1,000 hook runs
-//! (each a new process, as Nix starts it, given an empty `OUT_PATHS` and the `.drv`, as Nix
-//! 2.8 does), the same through the shipped sh wrapper, the cost of starting any process at
-//! all, and `nix copy` per build (each build's output is new to the cache). Under
-//! `cargo test` (no `--bench`) it runs a small version as a smoke test.
+//! `cargo bench --bench hook_latency` prints one table: p50, p99 and max over 1,000 runs of
+//! each way to run the hook. Each run is a new process, as Nix starts it, given an empty
+//! `OUT_PATHS` and the `.drv` of a derivation of its own, as Nix 2.8 gives after a build, so
+//! every run makes a new GC root and a new entry. The ways take turns, one run each, so a
+//! noisy moment on the machine lands on all of them alike. For scale: starting any process
+//! (`/bin/true`), one fdatasync, the hook's work without a process, and `nix copy` per
+//! build (each build's output new to the cache). Under `cargo test` (no `--bench`) it runs
+//! a small version as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -41,11 +44,16 @@ fn main() {
     };
     let env = Env::new();
     let state = env.state();
-    let gcroots = env.path().join("gcroots");
 
-    // One build for the hook (its .drv is what the hook parses), `copies` for `nix copy`.
+    // The hook parses a build's .drv and roots its outputs. Every real build has new outputs,
+    // so each run gets a derivation of its own: `runs` of them, instantiated, not built (the
+    // hook never looks at the outputs themselves). One is built, to have a real entry to copy
+    // into the deep queue. `copies` builds for `nix copy`.
     let mut expr = nix_prelude(&nonce());
-    expr.push_str("{\n  hooked = mk \"narpost-bench-hooked\" \"echo hooked > $out\";\n");
+    expr.push_str(&format!(
+        "{{\n  hooked = builtins.genList (i: mk \"narpost-bench-hooked${{toString i}}\" \"echo $out > $out\") {};\n",
+        sizes.runs
+    ));
     for i in 0..sizes.copies {
         expr.push_str(&format!(
             "  c{i} = mk \"narpost-bench-copy{i}\" \"mkdir $out; head -c 65536 /dev/urandom > $out/data; echo {i} > $out/n\";\n"
@@ -53,13 +61,14 @@ fn main() {
     }
     expr.push_str("}\n");
     let file = env.write_nix("bench.nix", &expr);
-    let hooked = nix_build(&file, &["hooked"], &[]).remove(0);
-    let drv = stdout(&run(nix("nix-store")
-        .args(["-q", "--deriver"])
-        .arg(hooked.to_absolute())))
-    .trim()
-    .to_owned();
-    assert!(drv.ends_with(".drv"), "{drv}");
+    let drvs: Vec<String> = stdout(&run(nix("nix-instantiate")
+        .arg(&file)
+        .args(["-A", "hooked"])))
+    .lines()
+    .map(|l| l.trim().to_owned())
+    .collect();
+    assert_eq!(drvs.len(), sizes.runs, "one derivation per run");
+    assert!(drvs.iter().all(|d| d.ends_with(".drv")), "{drvs:?}");
     let copy_attrs: Vec<String> = (0..sizes.copies).map(|i| format!("c{i}")).collect();
     let copy_attrs: Vec<&str> = copy_attrs.iter().map(String::as_str).collect();
     let to_copy = nix_build(&file, &copy_attrs, &[]);
@@ -68,7 +77,7 @@ fn main() {
     // so their contents do not matter; their number in the directory does).
     let queue = Queue::open(&state).expect("open the queue");
     let first = queue
-        .enqueue(std::slice::from_ref(&hooked), Some(&drv))
+        .enqueue(std::slice::from_ref(&to_copy[0]), None)
         .expect("enqueue");
     let bytes = fs::read(queue.queue_dir().join(first.as_str())).expect("read an entry");
     for i in 1..sizes.queued {
@@ -78,78 +87,110 @@ fn main() {
     assert_eq!(queue.depth().expect("depth"), sizes.queued);
 
     let dead_cache = format!("http://127.0.0.1:{}", free_port());
-    let hook_cmd = || {
+    // Each way of running the hook roots the same outputs, so each gets its own roots
+    // directory: every run then creates a new root, as after a real build.
+    let roots = |variant: &str| env.path().join(format!("gcroots-{variant}"));
+    let hook_cmd = |i: usize| {
         let mut cmd = env.narpost();
-        cmd.env("NARPOST_CACHE", &dead_cache)
+        cmd.env("NARPOST_GC_ROOTS_DIR", roots("narpost"))
+            .env("NARPOST_CACHE", &dead_cache)
             .env("OUT_PATHS", "")
-            .env("DRV_PATH", &drv)
+            .env("DRV_PATH", &drvs[i])
             .arg("hook");
         cmd
     };
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("hook/narpost-hook");
-    let wrapper_cmd = || {
-        let mut cmd = Command::new(&wrapper);
+    let small_cmd = |program: &Path, variant: &str, i: usize| {
+        let mut cmd = Command::new(program);
         cmd.env("NARPOST_BIN", env!("CARGO_BIN_EXE_narpost-hook"))
             .env("NARPOST_STATE_DIR", &state)
-            .env("NARPOST_GC_ROOTS_DIR", &gcroots)
+            .env("NARPOST_GC_ROOTS_DIR", roots(variant))
             .env("NARPOST_CACHE", &dead_cache)
             .env("OUT_PATHS", "")
-            .env("DRV_PATH", &drv);
+            .env("DRV_PATH", &drvs[i]);
         cmd
+    };
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("hook/narpost-hook");
+    let small = Path::new(env!("CARGO_BIN_EXE_narpost-hook"));
+
+    let in_process = |i: usize| {
+        let cfg = narpost::hook::HookConfig {
+            state_dir: state.clone(),
+            gcroots_dir: roots("in-process"),
+        };
+        let env = narpost::hook::HookEnv {
+            out_paths: Some(String::new()),
+            drv_path: Some(drvs[i].clone()),
+        };
+        let mut said = Vec::new();
+        let start = Instant::now();
+        narpost::hook::run_to(&cfg, &env, &mut said);
+        let took = start.elapsed();
+        assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said));
+        took
+    };
+    let sync_file = |i: usize| {
+        let path = env.path().join(format!("sync-{i}"));
+        let start = Instant::now();
+        let mut f = fs::File::create(&path).expect("create a file");
+        f.write_all(&bytes).expect("write");
+        f.sync_data().expect("fdatasync");
+        let took = start.elapsed();
+        let _ = fs::remove_file(&path);
+        took
     };
 
-    // For scale: what any process costs to start, and what one fdatasync of a new small
-    // file costs on the disk holding the state directory (the hook needs one, plus a
-    // directory fsync, to keep its promise that the entry survives a power loss).
-    let spawn = time_each(sizes.runs, true, |_| Command::new("/bin/true"));
-    let sync = (0..sizes.runs)
-        .map(|i| {
-            let path = env.path().join(format!("sync-{i}"));
-            let start = Instant::now();
-            let mut f = fs::File::create(&path).expect("create a file");
-            f.write_all(&bytes).expect("write");
-            f.sync_data().expect("fdatasync");
-            let took = start.elapsed();
-            let _ = fs::remove_file(&path);
-            took
-        })
-        .collect::<Vec<_>>();
-    // The hook's own work in this process: no process start, the same disk writes.
-    let in_process = (0..sizes.runs)
-        .map(|_| {
-            let cfg = narpost::hook::HookConfig {
-                state_dir: state.clone(),
-                gcroots_dir: gcroots.clone(),
-            };
-            let env = narpost::hook::HookEnv {
-                out_paths: Some(String::new()),
-                drv_path: Some(drv.clone()),
-            };
-            let mut said = Vec::new();
-            let start = Instant::now();
-            narpost::hook::run_to(&cfg, &env, &mut said);
-            let took = start.elapsed();
-            assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said));
-            took
-        })
-        .collect::<Vec<_>>();
-    let small_cmd = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_narpost-hook"));
-        cmd.env("NARPOST_STATE_DIR", &state)
-            .env("NARPOST_GC_ROOTS_DIR", &gcroots)
-            .env("NARPOST_CACHE", &dead_cache)
-            .env("OUT_PATHS", "")
-            .env("DRV_PATH", &drv);
-        cmd
-    };
-    let direct = time_each(sizes.runs, true, |_| hook_cmd());
-    let small = time_each(sizes.runs, true, |_| small_cmd());
-    let wrapped = time_each(sizes.runs, true, |_| wrapper_cmd());
+    // Rows, in table order. They take turns, one run each, so a noisy moment on the machine
+    // lands on every row alike rather than on whichever row happened to be running.
+    let rows: Vec<(&str, Box<dyn Fn(usize) -> Duration + '_>)> = vec![
+        // For scale: what starting any process costs, and one fdatasync of a new small file
+        // on the disk holding the state directory.
+        (
+            "start a process (/bin/true), for scale",
+            Box::new(|_| time_one(Command::new("/bin/true"))),
+        ),
+        (
+            "fdatasync a new 200-byte file, for scale",
+            Box::new(sync_file),
+        ),
+        // The hook's own work without starting a process.
+        (
+            "the hook's work in-process (hook::run_to)",
+            Box::new(in_process),
+        ),
+        (
+            "narpost hook (DRV_PATH, empty OUT_PATHS)",
+            Box::new(|i| time_one(hook_cmd(i))),
+        ),
+        (
+            "narpost-hook (the small hook binary)",
+            Box::new(|i| time_one(small_cmd(small, "small", i))),
+        ),
+        (
+            "hook/narpost-hook (sh wrapper + narpost-hook)",
+            Box::new(|i| time_one(small_cmd(&wrapper, "wrapper", i))),
+        ),
+    ];
+    // The deep queue was written just now; on a real machine it built up over hours and is
+    // long on disk. Write it back first, so the runs do not compete with its writeback.
+    run(&mut Command::new("sync"));
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(sizes.runs); rows.len()];
+    for i in 0..sizes.runs {
+        for (k, (_, measure)) in rows.iter().enumerate() {
+            times[k].push(measure(i));
+        }
+    }
     assert_eq!(
         queue.depth().expect("depth"),
         sizes.queued + 4 * sizes.runs,
         "every hook run queued one entry"
     );
+    for variant in ["in-process", "narpost", "small", "wrapper"] {
+        let rooted = fs::read_dir(roots(variant)).expect("list roots").count();
+        assert_eq!(
+            rooted, sizes.runs,
+            "every {variant} hook run rooted its output"
+        );
+    }
 
     let nginx = Nginx::start(env.path());
     let file_cache = format!(
@@ -179,19 +220,26 @@ fn main() {
         "{:<46} {:>6} {:>9} {:>9} {:>9}",
         "what a build waits for", "runs", "p50", "p99", "max"
     );
-    row("start a process (/bin/true), for scale", &spawn);
-    row("fdatasync a new 200-byte file, for scale", &sync);
-    row("the hook's work in-process (hook::run_to)", &in_process);
-    row("narpost hook (DRV_PATH, empty OUT_PATHS)", &direct);
-    row("narpost-hook (the small hook binary)", &small);
-    row("hook/narpost-hook (sh wrapper + narpost-hook)", &wrapped);
+    for ((what, _), times) in rows.iter().zip(&times) {
+        row(what, times);
+    }
     row("nix copy --to file://...?compression=zstd", &file_copy);
     row("nix copy --to http://nginx?compression=zstd", &http_copy);
 }
 
+/// Runs a command once; it must succeed and say nothing.
+fn time_one(mut cmd: Command) -> Duration {
+    let start = Instant::now();
+    let out = cmd.output().expect("run a benchmarked command");
+    let took = start.elapsed();
+    assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    assert!(out.stderr.is_empty(), "{cmd:?}: {}", stderr(&out));
+    took
+}
+
 /// Runs the command `make(i)` builds `n` times, one after another; each must succeed, and
 /// say nothing when `quiet`.
-fn time_each(n: usize, quiet: bool, mut make: impl FnMut(usize) -> Command) -> Vec<Duration> {
+fn time_each(n: usize, quiet: bool, make: impl Fn(usize) -> Command) -> Vec<Duration> {
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
         let mut cmd = make(i);

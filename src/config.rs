@@ -106,17 +106,7 @@ impl Config {
         state_dir: Option<PathBuf>,
         flags: Overrides,
     ) -> Result<Config, ConfigError> {
-        let (file, config_file) = match config_file {
-            Some(p) => (read_file(p)?, Some(p.to_path_buf())),
-            None => {
-                let p = Path::new(DEFAULT_CONFIG_FILE);
-                if p.exists() {
-                    (read_file(p)?, Some(p.to_path_buf()))
-                } else {
-                    (FileConfig::default(), None)
-                }
-            }
-        };
+        let (file, config_file) = read_config_file(config_file)?;
         let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
 
@@ -166,10 +156,7 @@ impl Config {
             basic_auth_file: env("NARPOST_BASIC_AUTH_FILE")
                 .map(PathBuf::from)
                 .or(file.basic_auth_file),
-            gc_roots_dir: env("NARPOST_GC_ROOTS_DIR")
-                .map(PathBuf::from)
-                .or(file.gc_roots_dir)
-                .unwrap_or_else(|| default_gc_roots_dir(&state_dir)),
+            gc_roots_dir: resolve_gc_roots_dir(file.gc_roots_dir, &state_dir),
             drain_timeout: Duration::from_secs(
                 flags.drain_timeout.or(file.drain_timeout).unwrap_or(30),
             ),
@@ -177,6 +164,17 @@ impl Config {
             state_dir,
             config_file,
         })
+    }
+
+    /// Only what the post-build hook needs, the GC roots directory, resolved exactly as
+    /// [`Config::load`] resolves it (a broken config file is the same error) but without the
+    /// work the rest takes, because every build waits for the hook.
+    pub fn load_gc_roots_dir(
+        config_file: Option<&Path>,
+        state_dir: &Path,
+    ) -> Result<PathBuf, ConfigError> {
+        let (file, _) = read_config_file(config_file)?;
+        Ok(resolve_gc_roots_dir(file.gc_roots_dir, state_dir))
     }
 
     /// The bearer token: `NARPOST_TOKEN` itself, or the first line of the token file.
@@ -214,6 +212,36 @@ pub fn default_gc_roots_dir(state_dir: &Path) -> PathBuf {
     let absolute = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let digest = crate::format::hash::Sha256::digest(absolute.as_os_str().as_encoded_bytes());
     PathBuf::from(format!("{DEFAULT_GC_ROOTS_DIR}-{}", &digest.to_hex()[..12]))
+}
+
+/// `NARPOST_GC_ROOTS_DIR`, then the file's `gc-roots-dir`, then the state directory's default.
+pub(crate) fn resolve_gc_roots_dir(from_file: Option<PathBuf>, state_dir: &Path) -> PathBuf {
+    std::env::var_os("NARPOST_GC_ROOTS_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or(from_file)
+        .unwrap_or_else(|| default_gc_roots_dir(state_dir))
+}
+
+/// The file named by `--config`/`NARPOST_CONFIG`, else the system-wide one if it exists.
+fn read_config_file(
+    config_file: Option<&Path>,
+) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+    match config_file {
+        Some(p) => Ok((read_file(p)?, Some(p.to_path_buf()))),
+        None => {
+            let p = Path::new(DEFAULT_CONFIG_FILE);
+            match read_file(p) {
+                Ok(file) => Ok((file, Some(p.to_path_buf()))),
+                Err(ConfigError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Ok((FileConfig::default(), None))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
 }
 
 fn default_jobs() -> usize {

@@ -34,7 +34,7 @@
 //! committed atomically by the targets); what is left stays queued. A second signal exits at
 //! once, which loses nothing either, since the queue is on disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{Pipeline, PipelineError, RetryPolicy};
-use crate::queue::{Entry, EntryOrCorrupt, GcRoots, Queue};
+use crate::queue::{Entry, EntryId, EntryOrCorrupt, GcRoots, Queue};
 use crate::store::Store;
 
 /// Longest wait between attempts while the cache is down.
@@ -151,6 +151,8 @@ pub struct Drainer {
     backoff: Duration,
     /// When to look for orphaned GC roots next; `None` before the first pass.
     next_adoption: Option<Instant>,
+    /// Entries whose roots this drainer has made durable (see [`make_roots_durable`]).
+    rooted: HashSet<EntryId>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -198,6 +200,7 @@ impl Drainer {
             failing: BTreeSet::new(),
             backoff: Duration::from_secs(1),
             next_adoption: None,
+            rooted: HashSet::new(),
         })
     }
 
@@ -273,8 +276,9 @@ impl Drainer {
             Some(at) if Instant::now() >= at => Some(SystemTime::now() - ADOPT_GRACE),
             Some(_) => None,
         };
+        let mut rooted = std::mem::take(&mut self.rooted);
         // Read the queue and check validity off the async threads: both touch the disk.
-        let (entries, invalid, adopted) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (entries, invalid, adopted, rooting) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut entries = Vec::new();
             for item in queue.list()? {
                 match item {
@@ -320,9 +324,24 @@ impl Drainer {
                     None => good.push(e),
                 }
             }
-            Ok((good, invalid, adopted))
+            let rooting = make_roots_durable(&roots, &good, &mut rooted);
+            Ok((good, invalid, adopted, (rooted, rooting)))
         })
         .await??;
+        let (rooted, rooting) = rooting;
+        self.rooted = rooted;
+        match rooting {
+            Ok(()) => self.resolved("roots", "GC roots can be written again"),
+            Err(msg) => {
+                // Tried again next pass; said once.
+                if self.problem(
+                    "roots",
+                    &format!("{msg}; queued paths may not be protected from garbage collection"),
+                ) {
+                    self.record_error(&msg);
+                }
+            }
+        }
         match adopted {
             Some(Ok(())) => {
                 self.resolved("adopt", "orphaned GC roots are queued again");
@@ -622,6 +641,43 @@ fn adopt_orphans(
         paths: adopt,
         drv: None,
     }))
+}
+
+/// Creates again, and fsyncs, the roots of the entries in `entries` not in `rooted` yet: the
+/// hook leaves the fsync to the drainer, and a power loss may have dropped roots the hook
+/// made (see [`crate::queue`]'s GC roots). At start-up `rooted` is empty, so every queued
+/// path gets its root back; later only new entries cost anything. Entries gone from the
+/// queue are forgotten.
+fn make_roots_durable(
+    roots: &GcRoots,
+    entries: &[Entry],
+    rooted: &mut HashSet<EntryId>,
+) -> Result<(), String> {
+    let queued: HashSet<&EntryId> = entries.iter().map(|e| &e.id).collect();
+    rooted.retain(|id| queued.contains(id));
+    let fresh: Vec<&Entry> = entries.iter().filter(|e| !rooted.contains(&e.id)).collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let mut problem = None;
+    let mut done = Vec::new();
+    for entry in fresh {
+        match roots.protect_all(&entry.paths) {
+            Ok(()) => done.push(entry.id.clone()),
+            Err(e) => {
+                problem.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    if !done.is_empty() {
+        match roots.sync() {
+            Ok(()) => rooted.extend(done),
+            Err(e) => {
+                problem.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    problem.map_or(Ok(()), Err)
 }
 
 /// `root` and everything it refers to, directly or not, within the plan.

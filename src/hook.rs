@@ -7,7 +7,7 @@
 //! - it always exits 0; every problem is one line on stderr (which lands in the build log):
 //!   `narpost hook: <what>: <why>`, plus what to do about it;
 //! - it catches panics, too, rather than let one escape as a failed build;
-//! - no async runtime, no network, no Nix process: a handful of syscalls and three fsyncs, so
+//! - no async runtime, no network, no Nix process: a handful of syscalls and two fsyncs, so
 //!   it costs a few milliseconds however deep the queue is (enqueueing never lists it).
 //!
 //! Outputs come from `OUT_PATHS` (space-separated) when it is set and non-empty. Nix 2.8
@@ -16,8 +16,9 @@
 //! ones are reported and skipped, the rest go on.
 //!
 //! Order of work, chosen for crash safety: open the queue (so an unusable state directory
-//! is found before anything is changed), then create GC roots and fsync them, then enqueue
-//! (fsynced). A queued path is thus always protected from garbage collection; a crash
+//! is found before anything is changed), then create GC roots, then enqueue (fsynced; the
+//! drainer fsyncs the roots, see [`crate::queue`]'s GC roots). A queued path is thus always
+//! protected from garbage collection; a crash
 //! between the two steps, or an enqueue that fails (disk full), leaves a root without an
 //! entry, which the daemon finds and queues (see [`crate::daemon`]). Failing to create roots
 //! is reported but does not stop the enqueue: an unprotected path in the queue is still far
@@ -29,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::drv;
 use crate::format::store_path::StorePath;
-use crate::queue::{GcRoots, Queue};
+use crate::queue::{GcRoots, Producer};
 
 /// Where the hook writes.
 #[derive(Debug, Clone)]
@@ -59,27 +60,16 @@ impl HookEnv {
     }
 }
 
-/// Entry point for `narpost hook`: resolves the configuration (only the GC roots directory
-/// is needed from it), reads the environment and runs the hook. Never fails: a broken config
+/// Entry point for `narpost hook`: resolves the GC roots directory (all it needs from the
+/// configuration), reads the environment and runs the hook. Never fails: a broken config
 /// file is reported and the roots directory is taken from `NARPOST_GC_ROOTS_DIR` or the
 /// default, so the build's outputs are still queued.
 pub fn main(config_file: Option<&Path>, state_dir: &Path) {
     let mut stderr = std::io::stderr().lock();
-    let loaded = catch_unwind(|| {
-        crate::config::Config::load(
-            config_file,
-            Some(state_dir.to_path_buf()),
-            crate::config::Overrides::default(),
-        )
-    });
-    let fallback = || {
-        std::env::var_os("NARPOST_GC_ROOTS_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::config::default_gc_roots_dir(state_dir))
-    };
+    let loaded = catch_unwind(|| crate::config::Config::load_gc_roots_dir(config_file, state_dir));
+    let fallback = || crate::config::resolve_gc_roots_dir(None, state_dir);
     let gcroots_dir = match loaded {
-        Ok(Ok(cfg)) => cfg.gc_roots_dir,
+        Ok(Ok(dir)) => dir,
         Ok(Err(e)) => {
             let dir = fallback();
             let _ = writeln!(
@@ -147,7 +137,7 @@ fn hook(cfg: &HookConfig, env: &HookEnv, report: &mut Vec<String>) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let queue = match Queue::open(&cfg.state_dir) {
+    let queue = match Producer::open(&cfg.state_dir) {
         Ok(q) => q,
         Err(e) => {
             report.push(format!(

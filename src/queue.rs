@@ -62,7 +62,7 @@
 //!    after it has been recorded durably in `failed/` ([`Queue::fail`]).
 //! 4. Every path in an entry has had a GC root since before the entry existed (unless
 //!    creating it failed, which the hook reports), and keeps it until the path is in the
-//!    cache (see [GC roots](#gc-roots)).
+//!    cache (see [GC roots](#gc-roots), also for what a power loss can do to a root).
 //!
 //! # What a crash leaves behind, step by step
 //!
@@ -114,7 +114,20 @@
 //!
 //! The hook creates the roots *before* it enqueues: a queued path is then always
 //! protected, and the worst a crash between the two steps, or a failed enqueue (disk full,
-//! read-only state directory), leaves is a root without an entry. Such an orphan only
+//! read-only state directory), leaves is a root without an entry.
+//!
+//! The hook does not fsync the roots directory; the drainer does, for every entry it has
+//! not seen before, on its next pass (within moments of the hook, since it watches the
+//! queue), and at start-up it creates again the roots of every queued path that is still
+//! valid. So a kill -9 or crash of any process at any instant leaves invariant 4 intact;
+//! only a power loss in the moments between a hook and the drainer's next pass can drop a
+//! root, and start-up puts it back. This is the durability Nix gives its own roots (it makes
+//! `result` links and `gcroots/auto` entries with a symlink and a rename, no fsync), and the
+//! build's output files are not fsynced by Nix either, so an fsync of the root alone would
+//! not keep a power loss from losing the path; the entry, which is fsynced, still records it,
+//! and the drainer reports such a path in the failed list rather than losing track of it.
+//! The fsync the hook saves is a third of its disk flushes, and Nix waits for the hook after
+//! every build. Such an orphan only
 //! delays garbage collection, and since its path was built and meant for the cache, the
 //! daemon adopts it: at start-up it queues every rooted path that no valid entry holds
 //! ([`GcRoots::list_created_before`] now), and every few minutes those whose root is older
@@ -310,66 +323,42 @@ struct FailedRecord {
     reason: String,
 }
 
-/// Handle on a state directory's queue. `Send + Sync`; its methods block (call them from
-/// `spawn_blocking` in async code).
+/// The producer's side of a queue: all a post-build hook needs to add an entry. Opening
+/// it touches only `queue/` and `tmp/`, because every build waits for the hook; the
+/// consumer's chores (stale temp files, the other directories) are left to [`Queue::open`].
 #[derive(Debug)]
-pub struct Queue {
+pub struct Producer {
     queue_dir: PathBuf,
     tmp_dir: PathBuf,
-    corrupt_dir: PathBuf,
-    failed_dir: PathBuf,
     /// Kept open so every enqueue and ack can fsync the directory without opening it.
     queue_dir_handle: File,
 }
 
-impl Queue {
-    /// Creates the directories if needed and removes temp files left by a crash.
-    pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
-        let dir = |name: &str| -> Result<PathBuf, QueueError> {
-            let path = state_dir.join(name);
-            create_private_dir(&path)?;
-            Ok(path)
+impl Producer {
+    /// Creates `queue/` and `tmp/` if needed.
+    pub fn open(state_dir: &Path) -> Result<Producer, QueueError> {
+        let queue_dir = state_dir.join("queue");
+        let tmp_dir = state_dir.join("tmp");
+        // The common case is that both exist; trying the open first saves two mkdirs and
+        // two stats per build.
+        let queue_dir_handle = match File::open(&queue_dir) {
+            Ok(handle) => handle,
+            Err(_) => {
+                create_private_dir(&queue_dir)?;
+                File::open(&queue_dir).map_err(|source| QueueError::List {
+                    path: queue_dir.clone(),
+                    source,
+                })?
+            }
         };
-        let queue_dir = dir("queue")?;
-        let tmp_dir = dir("tmp")?;
-        let corrupt_dir = dir("corrupt")?;
-        let failed_dir = dir("failed")?;
-        let queue_dir_handle = File::open(&queue_dir).map_err(|source| QueueError::List {
-            path: queue_dir.clone(),
-            source,
-        })?;
-        let queue = Queue {
+        if fs::symlink_metadata(&tmp_dir).is_err() {
+            create_private_dir(&tmp_dir)?;
+        }
+        Ok(Producer {
             queue_dir,
             tmp_dir,
-            corrupt_dir,
-            failed_dir,
             queue_dir_handle,
-        };
-        queue.remove_stale_temps();
-        Ok(queue)
-    }
-
-    /// The directory to watch for new entries; they arrive only by rename (`IN_MOVED_TO`).
-    pub fn queue_dir(&self) -> &Path {
-        &self.queue_dir
-    }
-
-    /// Best effort: a temp file that cannot be removed now is tried again next start.
-    fn remove_stale_temps(&self) {
-        let Ok(dir) = fs::read_dir(&self.tmp_dir) else {
-            return;
-        };
-        let now = SystemTime::now();
-        for item in dir.flatten() {
-            let stale = item
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| now.duration_since(t).unwrap_or_default() >= TEMP_GRACE)
-                .unwrap_or(false);
-            if stale {
-                let _ = fs::remove_file(item.path());
-            }
-        }
+        })
     }
 
     /// Adds one entry, durably: when this returns, the entry survives a power loss.
@@ -417,8 +406,74 @@ impl Queue {
                 source,
             })
     }
+}
 
-    /// Names of entry files, oldest first, without opening them.
+/// Handle on a state directory's queue, for its consumer (the drainer) and for `status`.
+/// `Send + Sync`; its methods block (call them from `spawn_blocking` in async code).
+#[derive(Debug)]
+pub struct Queue {
+    producer: Producer,
+    queue_dir: PathBuf,
+    tmp_dir: PathBuf,
+    corrupt_dir: PathBuf,
+    failed_dir: PathBuf,
+}
+
+impl Queue {
+    /// Creates the directories if needed and removes temp files left by a crash.
+    pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
+        let dir = |name: &str| -> Result<PathBuf, QueueError> {
+            let path = state_dir.join(name);
+            create_private_dir(&path)?;
+            Ok(path)
+        };
+        let queue_dir = dir("queue")?;
+        let tmp_dir = dir("tmp")?;
+        let corrupt_dir = dir("corrupt")?;
+        let failed_dir = dir("failed")?;
+        let queue = Queue {
+            producer: Producer::open(state_dir)?,
+            queue_dir,
+            tmp_dir,
+            corrupt_dir,
+            failed_dir,
+        };
+        queue.remove_stale_temps();
+        Ok(queue)
+    }
+
+    /// The directory to watch for new entries; they arrive only by rename (`IN_MOVED_TO`).
+    pub fn queue_dir(&self) -> &Path {
+        &self.queue_dir
+    }
+
+    /// Best effort: a temp file that cannot be removed now is tried again next start.
+    fn remove_stale_temps(&self) {
+        let Ok(dir) = fs::read_dir(&self.tmp_dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for item in dir.flatten() {
+            let stale = item
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= TEMP_GRACE)
+                .unwrap_or(false);
+            if stale {
+                let _ = fs::remove_file(item.path());
+            }
+        }
+    }
+
+    /// Adds one entry, durably: see [`Producer::enqueue`].
+    pub fn enqueue(&self, paths: &[StorePath], drv: Option<&str>) -> Result<EntryId, QueueError> {
+        self.producer.enqueue(paths, drv)
+    }
+
+    fn sync_queue_dir(&self) -> Result<(), QueueError> {
+        self.producer.sync_queue_dir()
+    }
+
     fn names(&self) -> Result<Vec<String>, QueueError> {
         let list_err = |source| QueueError::List {
             path: self.queue_dir.clone(),
@@ -872,12 +927,18 @@ impl GcRoots {
         self.protect_all(std::slice::from_ref(path))
     }
 
-    /// Creates a root for each path, then fsyncs the directory once, so that the roots are
-    /// on disk before anything that relies on them (a queue entry) is.
+    /// Creates a root for each path. The garbage collector sees a root the moment it exists,
+    /// and it outlives any process; it is on disk only after [`GcRoots::sync`] or the
+    /// kernel's writeback (see [GC roots](self#gc-roots) for why the hook does not wait).
     pub fn protect_all(&self, paths: &[StorePath]) -> Result<(), GcRootError> {
         for path in paths {
             self.link(path)?;
         }
+        Ok(())
+    }
+
+    /// Makes the roots created so far survive a power loss (fsync of the directory).
+    pub fn sync(&self) -> Result<(), GcRootError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|source| GcRootError::Sync {

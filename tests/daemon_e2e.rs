@@ -1214,6 +1214,17 @@ fn queued_paths_survive_garbage_collection_until_they_are_uploaded() {
     assert_eq!(queued_paths(&env.state()), paths);
     assert_eq!(rooted(&gcroots), paths);
 
+    // The hook leaves the roots' fsync to the daemon, so a power loss right after a build can
+    // take the roots (as it can take Nix's own). Lose them: nothing protects the app now.
+    // Starting, the daemon roots every queued path again.
+    for p in &paths {
+        fs::remove_file(gcroots.join(p.base())).expect("remove a root");
+    }
+    assert!(
+        dead(&app),
+        "{app} has no root, so the collector would delete it"
+    );
+
     // Queued, the cache down: the collector keeps both, and refuses to delete them.
     let mut daemon = Daemon::start_with(&env, &nginx.url(), &key, 30, |cmd| {
         cmd.env("NARPOST_GC_ROOTS_DIR", &gcroots);
@@ -1223,6 +1234,11 @@ fn queued_paths_survive_garbage_collection_until_they_are_uploaded() {
         "the daemon to find the cache down",
         Duration::from_secs(30),
         || status_json(&env)["cache_down_since"].is_u64(),
+    );
+    assert_eq!(
+        rooted(&gcroots),
+        paths,
+        "the daemon rooted the queued paths"
     );
     for p in &paths {
         assert!(!dead(p), "{p} is queued but the collector would delete it");
