@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use narpost::queue::Queue;
 
+/// One timed run of a row, given the run's number.
+type Measure<'a> = Box<dyn Fn(usize) -> Duration + 'a>;
+
 struct Sizes {
     queued: usize,
     runs: usize,
@@ -141,7 +144,7 @@ fn main() {
 
     // Rows, in table order. They take turns, one run each, so a noisy moment on the machine
     // lands on every row alike rather than on whichever row happened to be running.
-    let rows: Vec<(&str, Box<dyn Fn(usize) -> Duration + '_>)> = vec![
+    let rows: Vec<(&str, Measure)> = vec![
         // For scale: what starting any process costs, and one fdatasync of a new small file
         // on the disk holding the state directory.
         (
