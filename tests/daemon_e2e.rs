@@ -550,6 +550,54 @@ fn nix_builds_are_queued_by_the_hook_and_the_daemon_pushes_them() {
     cache.assert_complete();
 }
 
+/// The fastest set-up, which `hook/nix.conf.example` shows first: `post-build-hook` names the
+/// small binary itself, no wrapper, settings from the environment Nix runs in.
+#[test]
+fn nix_runs_the_small_hook_binary_directly_and_the_daemon_pushes_what_it_queued() {
+    let env = Env::new();
+    let nginx = Nginx::start(env.path());
+    let (key, public) = env.keygen("daemon-small-hook-1");
+    let gcroots = env.path().join("gcroots");
+
+    let file = env.write_nix("fan.nix", &fan_out_expr());
+    let mut cmd = nix("nix-build");
+    clean_narpost_env(&mut cmd);
+    cmd.env(
+        "NIX_CONFIG",
+        format!(
+            "{NIX_CONFIG}post-build-hook = {}\n",
+            env!("CARGO_BIN_EXE_narpost-hook")
+        ),
+    )
+    .env("NARPOST_STATE_DIR", env.state())
+    .env("NARPOST_GC_ROOTS_DIR", &gcroots)
+    .arg(&file)
+    .args(["--no-out-link", "-A", "top", "-A", "multi.out"]);
+    let out = run(&mut cmd);
+    assert!(
+        !stderr(&out).contains("narpost hook:"),
+        "the hook complained: {}",
+        stderr(&out)
+    );
+    let outs = parse_paths(&stdout(&out));
+    let built = nix_closure(&outs);
+    assert_eq!(built.len(), 12, "{built:?}");
+    let entries = queued(&env.state());
+    assert_eq!(entries.len(), 11, "one entry per build: {entries:?}");
+    let all: Vec<StorePath> = entries.iter().flat_map(|e| e.paths.clone()).collect();
+    assert_eq!(all.len(), 12, "{entries:?}");
+    assert_eq!(all.into_iter().collect::<BTreeSet<_>>(), built);
+    assert_eq!(rooted(&gcroots), built);
+
+    let daemon = Daemon::start(&env, &nginx.url(), &key, 30);
+    wait_drained(&env, &daemon, Duration::from_secs(60));
+    let cache = nginx.cache();
+    assert_in_cache(&cache, &built, &daemon.log());
+    cache.assert_complete();
+    assert_substitutes(&env, &nginx.url(), &public, &outs);
+    wait_unrooted(&gcroots);
+}
+
 #[test]
 fn cache_down_builds_succeed_and_the_daemon_drains_when_it_is_back() {
     let env = Env::new();
