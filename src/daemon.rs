@@ -204,6 +204,11 @@ impl Drainer {
         })
     }
 
+    /// How long uploads under way may go on after a stop signal.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
     pub fn queue(&self) -> &Arc<Queue> {
         &self.queue
     }
@@ -369,6 +374,22 @@ impl Drainer {
             self.release(&entry.paths);
         }
         if entries.is_empty() {
+            // Nothing to upload says nothing about the cache: while it counts as down, ask it
+            // directly, so `status` does not go on saying "down" over an empty queue.
+            if self.down {
+                return match self.pipeline.target().open().await {
+                    Ok(()) => {
+                        self.cache_up();
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        self.record_error(&msg);
+                        self.cache_down(&msg);
+                        Ok(true)
+                    }
+                };
+            }
             return Ok(false);
         }
 
@@ -508,13 +529,14 @@ impl Drainer {
     }
 
     /// Drains until `stop` fires (daemon, watch-store) or, with `until_empty`, until the
-    /// queue is empty (watch-exec). Uploads under way when `stop` fires get the drain
-    /// timeout to finish.
+    /// queue is empty (watch-exec). Uploads under way when `stop` fires get `grace` to
+    /// finish: the drain timeout, or nothing when `stop` is itself the end of a deadline.
     pub async fn run(
         &mut self,
         stop: CancellationToken,
         mut wake: mpsc::Receiver<()>,
         until_empty: bool,
+        grace: Duration,
     ) -> anyhow::Result<Totals> {
         self.write_state();
         loop {
@@ -526,11 +548,10 @@ impl Drainer {
             let deadline = {
                 let stop = stop.clone();
                 let inner = inner.clone();
-                let timeout = self.drain_timeout;
                 async move {
                     stop.cancelled().await;
                     inner.cancel();
-                    tokio::time::sleep(timeout).await;
+                    tokio::time::sleep(grace).await;
                 }
             };
             let wait = tokio::select! {
@@ -766,7 +787,8 @@ pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
         drainer.queue().queue_dir().display(),
         drainer.state.cache
     );
-    let totals = drainer.run(stop, wake, false).await?;
+    let grace = drainer.drain_timeout();
+    let totals = drainer.run(stop, wake, false, grace).await?;
     eprintln!(
         "narpost: pushed {} paths, {} already cached, {} entries left queued",
         totals.pushed, totals.already_cached, totals.left

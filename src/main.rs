@@ -110,7 +110,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = load(target.overrides(drain_timeout))?;
             let opts = narpost::watch::WatchOptions { all, include_drv };
-            runtime()?.block_on(narpost::watch::watch_store(cfg, opts))?;
+            let rt = runtime()?;
+            let result = rt.block_on(narpost::watch::watch_store(cfg, opts));
+            // As for the daemon: a compression still running must not outlast the deadline.
+            rt.shutdown_background();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::WatchExec {
@@ -124,8 +128,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 all: false,
                 include_drv,
             };
-            let code = runtime()?.block_on(narpost::watch::watch_exec(cfg, opts, command))?;
-            Ok(ExitCode::from(code))
+            let rt = runtime()?;
+            let result = rt.block_on(narpost::watch::watch_exec(cfg, opts, command));
+            rt.shutdown_background();
+            Ok(ExitCode::from(result?))
         }
         Command::Status { json } => {
             let cfg = load(Overrides::default())?;

@@ -397,7 +397,8 @@ async fn finish(
     };
     // Nothing new is queued any more, so there is nothing to wake the drainer for.
     let (_tx, rx) = mpsc::channel(1);
-    let totals = match drainer.run(stop, rx, true).await {
+    // `stop` fires at the deadline, which already includes the time for uploads under way.
+    let totals = match drainer.run(stop, rx, true, Duration::ZERO).await {
         Ok(t) => Some(t),
         Err(e) => {
             eprintln!("narpost: {e:#}");
@@ -469,7 +470,8 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
     let queue_dir = drainer.queue().queue_dir().display().to_string();
     let live_stop = CancellationToken::new();
     let deadline = {
-        let live = drainer.run(live_stop.clone(), wake, false);
+        let grace = drainer.drain_timeout();
+        let live = drainer.run(live_stop.clone(), wake, false, grace);
         tokio::pin!(live);
         let ended = tokio::select! {
             _ = signals.recv() => None,
@@ -550,7 +552,8 @@ pub async fn watch_exec(
     // dependencies cached.
     let live_stop = CancellationToken::new();
     let (status, deadline) = {
-        let live = drainer.run(live_stop.clone(), wake, false);
+        let grace = drainer.drain_timeout();
+        let live = drainer.run(live_stop.clone(), wake, false, grace);
         tokio::pin!(live);
         let mut live_done = false;
         let status = loop {

@@ -1237,6 +1237,63 @@ fn delete(path: &StorePath) -> Output {
         .expect("run nix-store --delete")
 }
 
+/// When the queue empties while the cache is down (here: its only path was deleted from the
+/// store, so the entry failed), the daemon asks the cache itself, and `status` stops saying
+/// "down" once it is back, without waiting for a new entry.
+#[test]
+fn status_sees_the_cache_come_back_while_the_queue_is_empty() {
+    let env = Env::new();
+    let mut nginx = Nginx::start(env.path());
+    nginx.stop();
+    let (key, _) = env.keygen("daemon-empty-1");
+    let gcroots = env.path().join("gcroots");
+    let path = simple_paths(&env, &["emptydown"]).remove(0);
+    narpost::queue::Queue::open(&env.state())
+        .expect("open the queue")
+        .enqueue(std::slice::from_ref(&path), None)
+        .expect("enqueue");
+
+    let daemon = Daemon::start(&env, &nginx.url(), &key, 30);
+    wait_for(
+        &daemon,
+        "the daemon to find the cache down",
+        Duration::from_secs(30),
+        || status_json(&env)["cache_down_since"].is_u64(),
+    );
+    // The daemon rooted the queued path; take the root away and delete the path.
+    wait_for(&daemon, "the path's root", Duration::from_secs(10), || {
+        rooted(&gcroots).contains(&path)
+    });
+    fs::remove_file(gcroots.join(path.base())).expect("remove the root");
+    let out = delete(&path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(
+        &daemon,
+        "the entry to fail as no longer valid",
+        Duration::from_secs(60),
+        || {
+            status_json(&env)["failed"]
+                .as_array()
+                .is_some_and(|f| f.len() == 1)
+        },
+    );
+    assert_eq!(status_json(&env)["queue_depth"], 0);
+    assert!(status_json(&env)["cache_down_since"].is_u64());
+
+    nginx.resume();
+    wait_for(
+        &daemon,
+        "status to see the cache back",
+        Duration::from_secs(90),
+        || status_json(&env)["cache_down_since"].is_null(),
+    );
+    assert!(
+        daemon.log().contains("work again"),
+        "one line says so:\n{}",
+        daemon.log()
+    );
+}
+
 #[test]
 fn queued_paths_survive_garbage_collection_until_they_are_uploaded() {
     let env = Env::new();

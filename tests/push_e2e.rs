@@ -4,8 +4,6 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -327,28 +325,6 @@ fn bad_input_gives_one_clear_line() {
     // An unsupported URL.
     let err = failed_push(&env, "ftp://cache", &key, &top_abs, None);
     assert!(err.contains("ftp://cache"), "{err}");
-}
-
-/// A server that answers every request with the same canned response, recording nothing.
-fn canned_server(response: &'static [u8], hang: bool) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-                let _ = stream.read(&mut buf);
-                if hang {
-                    std::thread::sleep(Duration::from_secs(60));
-                    return;
-                }
-                let _ = stream.write_all(response);
-            });
-        }
-    });
-    port
 }
 
 #[test]

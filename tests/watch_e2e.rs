@@ -654,6 +654,46 @@ fn upload_failure_never_changes_the_exit_code() {
     assert_substitutes(&env, &nginx.url(), &public, &[a, b]);
 }
 
+/// `--drain-timeout` bounds the whole wait after the command, also for an upload under way
+/// at the deadline: a cache that accepts connections and never answers holds narpost for
+/// the timeout, not for the timeout again.
+#[test]
+fn a_hung_cache_holds_watch_exec_for_the_drain_timeout_only() {
+    let env = Env::new();
+    let (key, _) = env.keygen("watch-hung-1");
+    let file = env.write_nix(
+        "hung.nix",
+        &format!(
+            "{}mk \"whung\" \"echo hung > $out\"\n",
+            nix_prelude(&nonce())
+        ),
+    );
+    let hung = format!("http://127.0.0.1:{}", canned_server(b"", true));
+    let started = Instant::now();
+    let out = env
+        .narpost()
+        .args(["watch-exec", "--drain-timeout", "3", "--to", &hung, "--key"])
+        .arg(&key)
+        .args(["--", "nix-build"])
+        .arg(&file)
+        .arg("--no-out-link")
+        .output()
+        .expect("run narpost watch-exec");
+    let took = started.elapsed();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "{took:?}: returned before the drain timeout, so the cache was not really hung\n{text}"
+    );
+    assert!(
+        took < Duration::from_millis(5500),
+        "{took:?}: the drain timeout of 3 s was overrun\n{text}"
+    );
+    let built = parse_paths(&stdout(&out)).remove(0);
+    assert!(queued_paths(&env.state()).contains(&built), "{text}");
+}
+
 #[test]
 fn sigterm_pushes_what_is_still_queued_before_exiting() {
     let env = Env::new();

@@ -717,3 +717,25 @@ pub fn queue_depth(env: &Env, config: &Path) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no queue_depth in {status}"))
 }
+
+/// A server that answers every request with the same canned response, recording nothing.
+pub fn canned_server(response: &'static [u8], hang: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let _ = stream.read(&mut buf);
+                if hang {
+                    std::thread::sleep(Duration::from_secs(60));
+                    return;
+                }
+                let _ = std::io::Write::write_all(&mut stream, response);
+            });
+        }
+    });
+    port
+}
