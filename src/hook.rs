@@ -18,11 +18,11 @@
 //! Order of work, chosen for crash safety: open the queue (so an unusable state directory
 //! is found before anything is changed), then create GC roots, then enqueue (fsynced; the
 //! drainer fsyncs the roots, see [`crate::queue`]'s GC roots). A queued path is thus always
-//! protected from garbage collection; a crash
-//! between the two steps, or an enqueue that fails (disk full), leaves a root without an
-//! entry, which the daemon finds and queues (see [`crate::daemon`]). Failing to create roots
-//! is reported but does not stop the enqueue: an unprotected path in the queue is still far
-//! more likely to be uploaded than one that was never queued.
+//! protected from garbage collection; a crash between the two steps, or an enqueue that
+//! fails (disk full), leaves a root without an entry, which the daemon finds and queues
+//! (see [`crate::daemon`]). Failing to create roots is reported but does not stop the
+//! enqueue: an unprotected path in the queue is still far more likely to be uploaded than
+//! one that was never queued.
 
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};

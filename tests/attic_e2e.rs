@@ -455,20 +455,9 @@ fn daemon_drains_the_hook_queue_through_the_config_file_alone() {
     let server = AtticServer::start(vec![CacheSpec::new("main")], &[("conf", &[("main", PUSH)])]);
     let (config, public) = attic_config(&env, &server, "conf");
     let (top, outs) = build_rich_closure(&env);
-    let out_paths: Vec<String> = outs.iter().map(StorePath::to_absolute).collect();
-    run(env
-        .narpost()
-        .arg("--config")
-        .arg(&config)
-        .arg("hook")
-        .env("OUT_PATHS", out_paths.join(" ")));
-    assert_eq!(queue_depth(&env, &config), 1);
+    hook_with_config(&env, &config, &outs);
 
-    let mut daemon = Background::spawn(
-        env.narpost().arg("--config").arg(&config).arg("daemon"),
-        &env.path().join("daemon.log"),
-        "narpost daemon",
-    );
+    let mut daemon = spawn_with_config(&env, &mut env.narpost(), &config, "daemon");
     let closure = nix_closure(&[top]);
     wait_until(
         "the daemon to upload the closure",
@@ -490,15 +479,8 @@ fn watch_store_pushes_new_builds_through_the_config_file_alone() {
     let (config, public) = attic_config(&env, &server, "conf");
     // Other tests build in the same store meanwhile, and the watcher pushes their paths
     // too; a short drain timeout keeps SIGTERM from waiting for those.
-    append(&config, "drain-timeout = 5\n");
-    let mut watcher = Background::spawn(
-        env.narpost()
-            .arg("--config")
-            .arg(&config)
-            .arg("watch-store"),
-        &env.path().join("watch.log"),
-        "narpost watch-store",
-    );
+    append_to_config(&config, "drain-timeout = 5\n");
+    let mut watcher = spawn_with_config(&env, &mut env.narpost(), &config, "watch-store");
     watcher.wait_for_output("narpost: watching", Duration::from_secs(30));
 
     let (top, outs) = build_rich_closure(&env);
@@ -623,10 +605,4 @@ fn the_test_server_refuses_what_attic_refuses() {
     assert!(answer.contains(r#""kind":"Deduplicated""#), "{answer}");
     let forms: Vec<Form> = server.uploads().iter().map(|u| u.form).collect();
     assert_eq!(forms, vec![Form::Header, Form::Preamble]);
-}
-
-fn append(file: &std::path::Path, text: &str) {
-    let mut old = fs::read_to_string(file).expect("read the config file");
-    old.push_str(text);
-    fs::write(file, old).expect("write the config file");
 }

@@ -559,22 +559,13 @@ fn daemon_drains_the_hook_queue_into_s3_through_the_config_file_alone() {
     );
     let config = s3_config(&env, &url, &key);
     let (top, outs) = build_rich_closure(&env);
-    let out_paths: Vec<String> = outs.iter().map(StorePath::to_absolute).collect();
-    run(env
-        .narpost()
-        .arg("--config")
-        .arg(&config)
-        .arg("hook")
-        .env("OUT_PATHS", out_paths.join(" ")));
-    assert_eq!(queue_depth(&env, &config), 1);
+    hook_with_config(&env, &config, &outs);
 
-    let mut daemon = Background::spawn(
-        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
-            .arg("--config")
-            .arg(&config)
-            .arg("daemon"),
-        &env.path().join("daemon.log"),
-        "narpost daemon",
+    let mut daemon = spawn_with_config(
+        &env,
+        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY),
+        &config,
+        "daemon",
     );
     let closure = nix_closure(&[top]);
     let prefix_dir = server.bucket_dir().join("fleet/x86_64");
@@ -613,14 +604,12 @@ fn watch_store_pushes_new_builds_to_s3_through_the_config_file_alone() {
     let config = s3_config(&env, &server.url(), &key);
     // Other tests build in the same store meanwhile, and the watcher pushes their paths
     // too; a short drain timeout keeps SIGTERM from waiting for those.
-    append(&config, "drain-timeout = 5\n");
-    let mut watcher = Background::spawn(
-        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
-            .arg("--config")
-            .arg(&config)
-            .arg("watch-store"),
-        &env.path().join("watch.log"),
-        "narpost watch-store",
+    append_to_config(&config, "drain-timeout = 5\n");
+    let mut watcher = spawn_with_config(
+        &env,
+        aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY),
+        &config,
+        "watch-store",
     );
     watcher.wait_for_output("narpost: watching", Duration::from_secs(30));
 
@@ -638,10 +627,4 @@ fn watch_store_pushes_new_builds_to_s3_through_the_config_file_alone() {
     assert!(status.success(), "{status}: {log}");
     cache.assert_complete();
     assert_substitutes(&env, &server.file_url(), &public, &[top]);
-}
-
-fn append(file: &std::path::Path, text: &str) {
-    let mut old = fs::read_to_string(file).expect("read the config file");
-    old.push_str(text);
-    fs::write(file, old).expect("write the config file");
 }

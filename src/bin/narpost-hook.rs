@@ -8,8 +8,7 @@
 
 // Nix waits for this program after every build, so it skips the Rust runtime's start-up
 // (which reads /proc/self/maps to place a stack guard, installs an alternate signal stack and
-// inspects the standard descriptors): about a fifth of a millisecond, a tenth of the whole
-// run. Arguments and the environment still come through std, which glibc hands them to
+// inspects the standard descriptors): about 0.2 ms, several percent of the whole run. Arguments and the environment still come through std, which glibc hands them to
 // before `main`. What is lost is harmless here: a stack overflow ends the process by SIGSEGV
 // without a message instead of with one, and SIGPIPE keeps its default action, which only
 // matters if Nix has closed the log pipe, i.e. is gone and no longer waiting.

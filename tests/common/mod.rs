@@ -705,6 +705,36 @@ impl Drop for Background {
 }
 
 /// The queue depth `narpost status --json` reports for `env`'s state directory.
+/// Queues `outs` as one entry, the way Nix runs the hook after a build, through
+/// `narpost --config CONFIG hook`, and checks the entry is there.
+pub fn hook_with_config(env: &Env, config: &Path, outs: &[StorePath]) {
+    let out_paths: Vec<String> = outs.iter().map(StorePath::to_absolute).collect();
+    run(env
+        .narpost()
+        .arg("--config")
+        .arg(config)
+        .arg("hook")
+        .env("OUT_PATHS", out_paths.join(" ")));
+    assert_eq!(queue_depth(env, config), 1);
+}
+
+/// Starts `cmd --config CONFIG SUBCOMMAND` (`daemon`, `watch-store`) in the background, its
+/// output in `<env>/<subcommand>.log`.
+pub fn spawn_with_config(env: &Env, cmd: &mut Command, config: &Path, sub: &str) -> Background {
+    Background::spawn(
+        cmd.arg("--config").arg(config).arg(sub),
+        &env.path().join(format!("{sub}.log")),
+        &format!("narpost {sub}"),
+    )
+}
+
+/// Adds `text` to the end of a config file.
+pub fn append_to_config(file: &Path, text: &str) {
+    let mut old = fs::read_to_string(file).expect("read the config file");
+    old.push_str(text);
+    fs::write(file, old).expect("write the config file");
+}
+
 pub fn queue_depth(env: &Env, config: &Path) -> u64 {
     let out = run(env
         .narpost()
