@@ -11,14 +11,15 @@
 //! Both are covered by rescanning the database for paths registered since the last one seen
 //! (`registrationTime`), on overflow, every few seconds, and once more when watching stops.
 //! Paths valid before the watcher started are recorded at start and never pushed (unless
-//! `--all`).
+//! `--all`). A path is seen per registration: one deleted and built again while the watcher
+//! runs is new again.
 //!
 //! Found paths go through the durable queue, so a watcher killed with SIGKILL and started
 //! again still uploads what it had seen. Stopping (SIGTERM for `watch-store`, the command's
 //! exit for `watch-exec`) queues what was found last and then drains the queue until it is
 //! empty or the drain timeout passes; whatever is left stays queued for the next drainer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,7 +62,10 @@ struct Finder {
     queue: Arc<Queue>,
     roots: Arc<GcRoots>,
     include_drv: bool,
-    seen: HashSet<StorePath>,
+    /// Paths seen, with the registration time they had then: a path deleted and built
+    /// again is registered anew, with a later time, and is then new again (if the first
+    /// copy was deleted before its upload, the second one is what reaches the cache).
+    seen: HashMap<StorePath, i64>,
     /// Registration time (seconds) of the newest path seen; rescans start there.
     since: i64,
     /// A roots directory that cannot be written fails for every path: say so once.
@@ -82,15 +86,14 @@ impl Finder {
             queue,
             roots,
             include_drv: opts.include_drv,
-            seen: HashSet::new(),
+            seen: HashMap::new(),
             since,
             roots_warned: false,
         };
         if opts.all {
-            let paths: Vec<StorePath> = existing.into_iter().map(|(p, _)| p).collect();
-            f.enqueue(paths, ALL_ENTRY_PATHS)?;
+            f.enqueue(existing, ALL_ENTRY_PATHS)?;
         } else {
-            f.seen = existing.into_iter().map(|(p, _)| p).collect();
+            f.seen = existing.into_iter().collect();
         }
         Ok(f)
     }
@@ -99,20 +102,27 @@ impl Finder {
         self.include_drv || !p.is_derivation()
     }
 
-    /// Queues the wanted paths not seen before. A path counts as seen only once its queue
-    /// entry is on disk, so a failure here leaves it to the next event or rescan.
-    fn enqueue(&mut self, paths: Vec<StorePath>, per_entry: usize) -> anyhow::Result<usize> {
+    /// Whether `path`, registered at `time`, has not been seen in this registration.
+    fn is_new(&self, path: &StorePath, time: i64) -> bool {
+        self.seen.get(path).is_none_or(|&seen| seen < time)
+    }
+
+    /// Queues the wanted paths (with their registration times) not seen before in that
+    /// registration, in the order given. A path counts as seen only once its queue entry is
+    /// on disk, so a failure here leaves it to the next event or rescan.
+    fn enqueue(&mut self, paths: Vec<(StorePath, i64)>, per_entry: usize) -> anyhow::Result<usize> {
         let mut fresh = HashSet::new();
-        let new: Vec<StorePath> = paths
+        let new: Vec<(StorePath, i64)> = paths
             .into_iter()
-            .filter(|p| self.wanted(p) && !self.seen.contains(p) && fresh.insert(p.clone()))
+            .filter(|(p, t)| self.wanted(p) && self.is_new(p, *t) && fresh.insert(p.clone()))
             .collect();
         let mut queued = 0;
         for chunk in new.chunks(per_entry.max(1)) {
+            let paths: Vec<StorePath> = chunk.iter().map(|(p, _)| p.clone()).collect();
             // Root first, then confirm validity: a path still valid once its root exists
             // cannot be collected before it is uploaded. Rooting is best effort: a path we
             // cannot protect is still worth queueing.
-            if let Err(e) = self.roots.protect_all(chunk)
+            if let Err(e) = self.roots.protect_all(&paths)
                 && !self.roots_warned
             {
                 tracing::warn!(
@@ -120,14 +130,14 @@ impl Finder {
                 );
                 self.roots_warned = true;
             }
-            let valid = match self.still_valid(chunk) {
+            let valid = match self.still_valid(&paths) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.release(chunk);
+                    self.release(&paths);
                     return Err(e);
                 }
             };
-            let gone: Vec<StorePath> = chunk
+            let gone: Vec<StorePath> = paths
                 .iter()
                 .filter(|p| !valid.contains(p))
                 .cloned()
@@ -141,7 +151,12 @@ impl Finder {
                 return Err(e.into());
             }
             queued += valid.len();
-            self.seen.extend(valid);
+            self.seen.extend(
+                chunk
+                    .iter()
+                    .filter(|(p, _)| valid.contains(p))
+                    .map(|(p, t)| (p.clone(), *t)),
+            );
         }
         if queued > 0 {
             tracing::debug!("queued {queued} new paths");
@@ -173,11 +188,15 @@ impl Finder {
             let Ok(p) = StorePath::from_base(base) else {
                 continue;
             };
-            if self.seen.contains(&p) || !self.wanted(&p) {
+            // A path seen before is left to the rescan, which knows whether it was
+            // registered again.
+            if self.seen.contains_key(&p) || !self.wanted(&p) {
                 continue;
             }
-            if self.store.is_valid(&p)? {
-                valid.push(p);
+            match self.store.query(std::slice::from_ref(&p)) {
+                Ok(infos) => valid.extend(infos.into_iter().map(|i| (i.path, i.registration_time))),
+                Err(crate::store::StoreError::NotValid { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         self.enqueue(valid, 1)
@@ -189,7 +208,7 @@ impl Finder {
             .store
             .registered_since(self.since.saturating_sub(RESCAN_OVERLAP))?;
         let newest = rows.iter().map(|(_, t)| *t).max();
-        let n = self.enqueue(rows.into_iter().map(|(p, _)| p).collect(), 1)?;
+        let n = self.enqueue(rows, 1)?;
         // Only after everything was queued: a failed rescan is repeated from the same point.
         if let Some(t) = newest {
             self.since = self.since.max(t);

@@ -728,6 +728,58 @@ fn sigterm_pushes_what_is_still_queued_before_exiting() {
     assert_substitutes(&env, &nginx.url(), &public, &[t]);
 }
 
+/// A path the watcher queued but that was deleted before its upload (the cache down, a
+/// garbage collection in between), then built again, is registered anew: it is pushed.
+#[test]
+fn a_path_deleted_before_its_upload_and_built_again_is_pushed() {
+    let env = Env::new();
+    let mut nginx = Nginx::start(env.path());
+    let (key, public) = env.keygen("watch-again-1");
+    let key_arg = key.display().to_string();
+    let file = env.write_nix(
+        "again.nix",
+        &format!(
+            "{}{{\n  a = mk \"wagain\" \"echo again > $out\";\n}}\n",
+            nix_prelude(&nonce())
+        ),
+    );
+    let mut watcher = Watcher::start(&env, &["--to", &nginx.url(), "--key", &key_arg]);
+    nginx.stop();
+    let a = nix_build(&file, &["a"], &[]).remove(0);
+    wait_until("the path queued", Duration::from_secs(30), || {
+        queued_paths(&env.state()).contains(&a)
+    });
+
+    // Deleted before its upload. Until the drainer has seen the entry once it may put the
+    // root back, so take the root away until the deletion goes through.
+    let root = env.path().join("gcroots").join(a.base());
+    wait_until("the path deleted", Duration::from_secs(30), || {
+        let _ = fs::remove_file(&root);
+        nix("nix-store")
+            .args(["--delete", &a.to_absolute()])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    wait_until("the entry given up", Duration::from_secs(60), || {
+        !queued_paths(&env.state()).contains(&a)
+    });
+
+    // Built again: the same path, registered anew (registration times are in seconds).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(nix_build(&file, &["a"], &[]).remove(0), a);
+    nginx.resume();
+    let cache = nginx.cache();
+    wait_until(
+        "the rebuilt path in the cache",
+        Duration::from_secs(60),
+        || cache.has(&a),
+    );
+    let (status, log) = watcher.terminate();
+    assert_clean_stop(&status, &log);
+    cache.assert_complete();
+    assert_substitutes(&env, &nginx.url(), &public, &[a]);
+}
+
 #[test]
 fn watch_exec_passes_signals_to_the_command_and_reports_unrunnable_ones() {
     let env = Env::new();
