@@ -879,6 +879,12 @@ mod tests {
         ("other", &[]),
     ];
 
+    /// Pushes the named paths of the test store and their closures, not cancelled.
+    async fn push_names(p: &Pipeline, names: &[&str]) -> Result<Report, PipelineError> {
+        let roots: Vec<StorePath> = names.iter().map(|n| path(n)).collect();
+        p.push(&roots, true, &CancellationToken::new()).await
+    }
+
     fn position(log: &[String], entry: &str) -> Option<usize> {
         log.iter().position(|l| l == entry)
     }
@@ -888,14 +894,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fake = Arc::new(Fake::default());
         let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
-        let report = p
-            .push(
-                &[path("top"), path("other")],
-                true,
-                &CancellationToken::new(),
-            )
-            .await
-            .expect("push");
+        let report = push_names(&p, &["top", "other"]).await.expect("push");
         assert_eq!(report.pushed.len(), 5, "{report:?}");
         assert!(report.failed.is_empty());
         let log = fake.log.lock().unwrap().clone();
@@ -919,10 +918,7 @@ mod tests {
             ..Default::default()
         });
         let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
-        let report = p
-            .push(&[path("top")], true, &CancellationToken::new())
-            .await
-            .expect("push");
+        let report = push_names(&p, &["top"]).await.expect("push");
         assert_eq!(report.already_cached, 2);
         assert_eq!(report.total, 4);
         let log = fake.log.lock().unwrap().clone();
@@ -947,10 +943,7 @@ mod tests {
         );
         let (tx, mut rx) = mpsc::unbounded_channel();
         let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path()).with_events(tx);
-        let report = p
-            .push(&[path("top")], true, &CancellationToken::new())
-            .await
-            .expect("push");
+        let report = push_names(&p, &["top"]).await.expect("push");
         assert_eq!(report.pushed.len(), 4, "{report:?}");
         let mut retries = 0;
         while let Ok(e) = rx.try_recv() {
@@ -970,14 +963,7 @@ mod tests {
             .unwrap()
             .insert("left".into(), vec![TargetError::permanent("403 Forbidden")]);
         let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
-        let report = p
-            .push(
-                &[path("top"), path("other")],
-                true,
-                &CancellationToken::new(),
-            )
-            .await
-            .expect("push");
+        let report = push_names(&p, &["top", "other"]).await.expect("push");
         let failed: BTreeSet<&str> = report.failed.iter().map(|f| f.path.name()).collect();
         assert_eq!(failed, BTreeSet::from(["left", "top"]), "{report:?}");
         let top = report
@@ -1005,10 +991,7 @@ mod tests {
                 .collect(),
         );
         let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
-        let report = p
-            .push(&[path("other")], true, &CancellationToken::new())
-            .await
-            .expect("push");
+        let report = push_names(&p, &["other"]).await.expect("push");
         assert_eq!(report.failed.len(), 1);
         assert!(
             report.failed[0].message.contains("502"),
@@ -1035,8 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fake = Arc::new(Fake::default());
         let p = pipeline(store(dir.path(), DIAMOND), fake, dir.path());
-        let err = p
-            .push(&[path("absent")], true, &CancellationToken::new())
+        let err = push_names(&p, &["absent"])
             .await
             .expect_err("not in the store");
         assert!(

@@ -145,14 +145,11 @@ fn closure_is_uploaded_in_reference_order_with_the_metadata_nix_has() {
     let (key, public) = env.keygen("client-1");
     let token = write_secret(&env, "token", "push-token\n");
     let push = |path: &StorePath| {
-        let out = run(env
-            .narpost()
-            .args(["push", "--to", &server.url("main"), "--key"])
-            .arg(&key)
-            .arg("--token-file")
-            .arg(&token)
-            .arg(path.to_absolute()));
-        stdout(&out) + &stderr(&out)
+        pushed(
+            push_cmd(&env, &server.url("main"), &key, path)
+                .arg("--token-file")
+                .arg(&token),
+        )
     };
 
     // What the cache has already is not uploaded again: `base` goes first, alone.
@@ -278,13 +275,9 @@ fn bad_token_missing_permission_and_missing_cache_are_one_clear_line_each() {
     let (key, _) = env.keygen("client-2");
     let fail = |cache: &str, token: &str| {
         let file = write_secret(&env, &format!("token-{token}"), token);
-        let out = env
-            .narpost()
-            .args(["push", "--to", &server.url(cache), "--key"])
-            .arg(&key)
+        let out = push_cmd(&env, &server.url(cache), &key, &top)
             .arg("--token-file")
             .arg(&file)
-            .arg(top.to_absolute())
             .output()
             .expect("run narpost");
         assert!(
@@ -330,14 +323,11 @@ fn service_unavailable_is_retried_until_the_upload_goes_through() {
     server.fail_next("get-missing-paths", 1);
     server.fail_next("upload-path", 3);
 
-    let out = run(env
-        .narpost()
-        .args(["push", "--to", &server.url("main"), "--key"])
-        .arg(&key)
-        .arg("--token-file")
-        .arg(&token)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(
+        push_cmd(&env, &server.url("main"), &key, &top)
+            .arg("--token-file")
+            .arg(&token),
+    );
     assert_eq!(server.count("/_api/v1/get-missing-paths", 503), 1, "{text}");
     assert_eq!(server.count("/_api/v1/upload-path", 503), 3, "{text}");
     let closure = nix_closure(std::slice::from_ref(&top));
@@ -356,15 +346,12 @@ fn a_hung_upload_times_out_and_is_retried() {
     let token = write_secret(&env, "token", "t");
     server.stall_next_uploads(1);
 
-    let out = run(env
-        .narpost()
-        .env("NARPOST_HTTP_TIMEOUT", "1")
-        .args(["push", "--to", &server.url("main"), "--key"])
-        .arg(&key)
-        .arg("--token-file")
-        .arg(&token)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(
+        push_cmd(&env, &server.url("main"), &key, &top)
+            .env("NARPOST_HTTP_TIMEOUT", "1")
+            .arg("--token-file")
+            .arg(&token),
+    );
     assert!(text.contains("timed out while uploading"), "{text}");
     let got: BTreeSet<StorePath> = uploaded_paths(&server.uploads()).into_iter().collect();
     assert_eq!(got, nix_closure(&[top]), "{text}");
@@ -389,14 +376,11 @@ fn paths_signed_by_an_upstream_key_are_skipped_and_api_endpoint_is_honoured() {
     let (key, _) = env.keygen("client-4");
     let token = write_secret(&env, "token", "t");
 
-    let out = run(env
-        .narpost()
-        .args(["push", "--to", &server.url("main"), "--key"])
-        .arg(&key)
-        .arg("--token-file")
-        .arg(&token)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(
+        push_cmd(&env, &server.url("main"), &key, &top)
+            .arg("--token-file")
+            .arg(&token),
+    );
     let got: BTreeSet<StorePath> = uploaded_paths(&server.uploads()).into_iter().collect();
     let want: BTreeSet<StorePath> = nix_closure(std::slice::from_ref(&top))
         .into_iter()

@@ -17,12 +17,7 @@ fn file_cache_closure_substitutes_with_signatures_required() {
     let cache = env.path().join("cache");
     let url = format!("file://{}", cache.display());
 
-    let out = run(env
-        .narpost()
-        .args(["push", "--to", &url, "--key"])
-        .arg(&key)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(&mut push_cmd(&env, &url, &key, &top));
     let closure = nix_closure(std::slice::from_ref(&top));
     assert!(closure.len() >= 4, "closure: {closure:?}");
     let dir = CacheDir::new(&cache);
@@ -64,12 +59,7 @@ fn file_cache_closure_substitutes_with_signatures_required() {
 
     // Second push: nothing new, and it says so.
     let nars_before = dir.nar_count();
-    let out = run(env
-        .narpost()
-        .args(["push", "--to", &url, "--key"])
-        .arg(&key)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(&mut push_cmd(&env, &url, &key, &top));
     assert!(
         text.contains(&format!("all {} paths were already cached", closure.len())),
         "{text}"
@@ -106,12 +96,7 @@ fn http_cache_gets_nars_before_narinfos_and_references_first() {
     assert!(substitute(env.path(), &nginx.url(), &other, std::slice::from_ref(&top)).is_err());
 
     let puts_before = nginx.puts().len();
-    let out = run(env
-        .narpost()
-        .args(["push", "--to", &nginx.url(), "--key"])
-        .arg(&key)
-        .arg(top.to_absolute()));
-    let text = stdout(&out) + &stderr(&out);
+    let text = pushed(&mut push_cmd(&env, &nginx.url(), &key, &top));
     assert!(text.contains("already cached"), "{text}");
     assert_eq!(
         nginx.puts().len(),
@@ -129,11 +114,7 @@ fn http_cache_with_bearer_token_from_a_file() {
     nginx.require_token("s3cret-token");
 
     // Without the token: refused as an authentication problem, and nothing stored.
-    let out = env
-        .narpost()
-        .args(["push", "--to", &nginx.url(), "--key"])
-        .arg(&key)
-        .arg(top.to_absolute())
+    let out = push_cmd(&env, &nginx.url(), &key, &top)
         .output()
         .expect("run narpost");
     assert!(!out.status.success());
@@ -148,12 +129,7 @@ fn http_cache_with_bearer_token_from_a_file() {
     let token = env.path().join("token");
     fs::write(&token, "s3cret-token\n").expect("write token");
     fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).expect("chmod");
-    run(env
-        .narpost()
-        .env("NARPOST_TOKEN_FILE", &token)
-        .args(["push", "--to", &nginx.url(), "--key"])
-        .arg(&key)
-        .arg(top.to_absolute()));
+    run(push_cmd(&env, &nginx.url(), &key, &top).env("NARPOST_TOKEN_FILE", &token));
     nginx.cache().assert_complete();
     // Nix itself cannot send the token; the files are what count.
     let copy = env.path().join("copy");
@@ -221,11 +197,7 @@ fn corrupted_store_path_is_refused_with_its_referrers() {
     let (key, _) = env.keygen("corrupt-1");
     let cache = env.path().join("cache");
     let url = format!("file://{}", cache.display());
-    let out = env
-        .narpost()
-        .args(["push", "--to", &url, "--key"])
-        .arg(&key)
-        .arg(user.to_absolute())
+    let out = push_cmd(&env, &url, &key, user)
         .arg(bystander.to_absolute())
         .output()
         .expect("run narpost");

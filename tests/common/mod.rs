@@ -705,6 +705,22 @@ impl Drop for Background {
 }
 
 /// The queue depth `narpost status --json` reports for `env`'s state directory.
+/// `narpost push --to URL --key KEY PATH`, to run as it is or with more arguments and
+/// settings (a token file, a second path).
+pub fn push_cmd(env: &Env, url: &str, key: &Path, path: &StorePath) -> Command {
+    let mut cmd = env.narpost();
+    cmd.args(["push", "--to", url, "--key"])
+        .arg(key)
+        .arg(path.to_absolute());
+    cmd
+}
+
+/// Runs a push that must succeed; returns all it printed, stdout then stderr.
+pub fn pushed(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    stdout(&out) + &stderr(&out)
+}
+
 /// Queues `outs` as one entry, the way Nix runs the hook after a build, through
 /// `narpost --config CONFIG hook`, and checks the entry is there.
 pub fn hook_with_config(env: &Env, config: &Path, outs: &[StorePath]) {
