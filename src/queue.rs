@@ -114,7 +114,16 @@
 //!
 //! The hook creates the roots *before* it enqueues: a queued path is then always
 //! protected, and the worst a crash between the two steps, or a failed enqueue (disk full,
-//! read-only state directory), leaves is a root without an entry.
+//! read-only state directory), leaves is a root without an entry. Such an orphan only
+//! delays garbage collection, and since its path was built and meant for the cache, the
+//! daemon adopts it: at start-up it queues every rooted path that no valid entry holds
+//! ([`GcRoots::list_created_before`] now), and every few minutes those whose root is older
+//! than a minute (younger ones may belong to a hook about to enqueue; adopting one anyway
+//! would only make a duplicate entry). A root whose path is gone from the store is removed.
+//!
+//! So a roots directory belongs to one state directory: the daemon releases, and adopts,
+//! every root in it. Two queues sharing one would push each other's paths and unprotect
+//! them before the other had uploaded them.
 //!
 //! The hook does not fsync the roots directory; the drainer does, for every entry it has
 //! not seen before, on its next pass (within moments of the hook, since it watches the
@@ -127,16 +136,7 @@
 //! not keep a power loss from losing the path; the entry, which is fsynced, still records it,
 //! and the drainer reports such a path in the failed list rather than losing track of it.
 //! The fsync the hook saves is a third of its disk flushes, and Nix waits for the hook after
-//! every build. Such an orphan only
-//! delays garbage collection, and since its path was built and meant for the cache, the
-//! daemon adopts it: at start-up it queues every rooted path that no valid entry holds
-//! ([`GcRoots::list_created_before`] now), and every few minutes those whose root is older
-//! than a minute (younger ones may belong to a hook about to enqueue; adopting one anyway
-//! would only make a duplicate entry). A root whose path is gone from the store is removed.
-//!
-//! So a roots directory belongs to one state directory: the daemon releases, and adopts,
-//! every root in it. Two queues sharing one would push each other's paths and unprotect
-//! them before the other had uploaded them.
+//! every build.
 //!
 //! One root serves every entry holding the path, and releasing it when *one* entry is done
 //! is safe even if another entry holds the same path: the daemon releases a root only after
@@ -413,8 +413,6 @@ impl Producer {
 #[derive(Debug)]
 pub struct Queue {
     producer: Producer,
-    queue_dir: PathBuf,
-    tmp_dir: PathBuf,
     corrupt_dir: PathBuf,
     failed_dir: PathBuf,
 }
@@ -427,16 +425,10 @@ impl Queue {
             create_private_dir(&path)?;
             Ok(path)
         };
-        let queue_dir = dir("queue")?;
-        let tmp_dir = dir("tmp")?;
-        let corrupt_dir = dir("corrupt")?;
-        let failed_dir = dir("failed")?;
         let queue = Queue {
             producer: Producer::open(state_dir)?,
-            queue_dir,
-            tmp_dir,
-            corrupt_dir,
-            failed_dir,
+            corrupt_dir: dir("corrupt")?,
+            failed_dir: dir("failed")?,
         };
         queue.remove_stale_temps();
         Ok(queue)
@@ -444,12 +436,12 @@ impl Queue {
 
     /// The directory to watch for new entries; they arrive only by rename (`IN_MOVED_TO`).
     pub fn queue_dir(&self) -> &Path {
-        &self.queue_dir
+        &self.producer.queue_dir
     }
 
     /// Best effort: a temp file that cannot be removed now is tried again next start.
     fn remove_stale_temps(&self) {
-        let Ok(dir) = fs::read_dir(&self.tmp_dir) else {
+        let Ok(dir) = fs::read_dir(&self.producer.tmp_dir) else {
             return;
         };
         let now = SystemTime::now();
@@ -474,13 +466,14 @@ impl Queue {
         self.producer.sync_queue_dir()
     }
 
+    /// Names of entry files, oldest first, without opening them.
     fn names(&self) -> Result<Vec<String>, QueueError> {
         let list_err = |source| QueueError::List {
-            path: self.queue_dir.clone(),
+            path: self.producer.queue_dir.clone(),
             source,
         };
         let mut names = Vec::new();
-        for item in fs::read_dir(&self.queue_dir).map_err(list_err)? {
+        for item in fs::read_dir(&self.producer.queue_dir).map_err(list_err)? {
             let item = item.map_err(list_err)?;
             if item.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
@@ -511,7 +504,7 @@ impl Queue {
             }
             if failed.contains(&name) {
                 // A crash interrupted `fail` after the failure was recorded: finish it.
-                let _ = fs::remove_file(self.queue_dir.join(&name));
+                let _ = fs::remove_file(self.producer.queue_dir.join(&name));
                 continue;
             }
             if let Some(item) = self.read_name(&name)? {
@@ -535,12 +528,12 @@ impl Queue {
                 } => match quarantined_to {
                     Some(to) => tracing::warn!(
                         "{}: corrupt queue entry ({reason}); moved to {}",
-                        self.queue_dir.join(&file).display(),
+                        self.producer.queue_dir.join(&file).display(),
                         to.display()
                     ),
                     None => tracing::warn!(
                         "{}: corrupt queue entry ({reason}); could not move it to {}",
-                        self.queue_dir.join(&file).display(),
+                        self.producer.queue_dir.join(&file).display(),
                         self.corrupt_dir.display()
                     ),
                 },
@@ -556,7 +549,7 @@ impl Queue {
     }
 
     fn read_name(&self, name: &str) -> Result<Option<EntryOrCorrupt>, QueueError> {
-        let path = self.queue_dir.join(name);
+        let path = self.producer.queue_dir.join(name);
         let bytes = match read_limited(&path) {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(size)) => return Ok(Some(self.quarantine(name, Corruption::TooLarge { size }))),
@@ -581,7 +574,7 @@ impl Queue {
 
     /// Moves a refused file out of the way, with its reason beside it for whoever looks.
     fn quarantine(&self, name: &str, reason: Corruption) -> EntryOrCorrupt {
-        let src = self.queue_dir.join(name);
+        let src = self.producer.queue_dir.join(name);
         let mut dest = self.corrupt_dir.join(name);
         let mut n = 1;
         while dest.exists() && n < 1000 {
@@ -607,7 +600,7 @@ impl Queue {
     /// Deletes an entry whose paths are all in the cache. Acknowledging an entry that is
     /// already gone is not an error: the work it stood for is done either way.
     pub fn ack(&self, id: &EntryId) -> Result<(), QueueError> {
-        let path = self.queue_dir.join(id.as_str());
+        let path = self.producer.queue_dir.join(id.as_str());
         match fs::remove_file(&path) {
             Ok(()) => self.sync_queue_dir(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -636,7 +629,7 @@ impl Queue {
         };
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
         let file_name = format!("{}.json", id.as_str());
-        let tmp = self.tmp_dir.join(&file_name);
+        let tmp = self.producer.tmp_dir.join(&file_name);
         let dest = self.failed_dir.join(&file_name);
         write_synced(&tmp, &json)?;
         if let Err(source) = fs::rename(&tmp, &dest) {
