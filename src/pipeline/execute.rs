@@ -1,0 +1,319 @@
+//! Execution: one task per missing path, in dependency order, bounded by worker and
+//! upload slots; a narinfo is stored only after its NAR and every missing reference's narinfo.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Event, FailureKind, PathFailure, Pipeline, Plan, Report, upload_slots};
+use crate::format::narinfo::NarInfo;
+use crate::format::store_path::StorePath;
+use crate::store::PathInfo;
+use crate::target::{ErrorKind, NarBody, PreparedNar, TargetError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Failed,
+    Skipped,
+}
+
+impl Pipeline {
+    /// Uploads the plan's missing paths. Paths not started when `cancel` fires are reported
+    /// as skipped; paths already under way finish (the caller bounds that with a deadline).
+    pub async fn execute(&self, plan: &Plan, cancel: &CancellationToken) -> Report {
+        let started = Instant::now();
+        let semaphore = Arc::new(Semaphore::new(self.opts.jobs.max(1)));
+        let uploads = Arc::new(Semaphore::new(upload_slots(self.opts.jobs)));
+        let mut senders: HashMap<StorePath, watch::Sender<Option<Outcome>>> = HashMap::new();
+        let mut receivers: HashMap<StorePath, watch::Receiver<Option<Outcome>>> = HashMap::new();
+        for info in plan.paths.iter().filter(|p| plan.missing.contains(&p.path)) {
+            let (tx, rx) = watch::channel(None);
+            senders.insert(info.path.clone(), tx);
+            receivers.insert(info.path.clone(), rx);
+        }
+
+        let mut tasks = Vec::new();
+        for info in plan.paths.iter().filter(|p| plan.missing.contains(&p.path)) {
+            let deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)> = info
+                .references
+                .iter()
+                .filter(|r| *r != &info.path)
+                .filter_map(|r| {
+                    if let Some(rx) = receivers.get(r) {
+                        Some((r.clone(), Some(rx.clone())))
+                    } else if plan.unavailable.contains(r) {
+                        Some((r.clone(), None))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let Some(done_tx) = senders.remove(&info.path) else {
+                continue;
+            };
+            tasks.push(self.push_one(
+                info.clone(),
+                deps,
+                (semaphore.clone(), uploads.clone()),
+                cancel.clone(),
+                done_tx,
+            ));
+        }
+        let results = futures::future::join_all(tasks).await;
+
+        let mut report = Report {
+            requested: plan.requested.clone(),
+            total: plan.paths.len(),
+            already_cached: plan.cached(),
+            ..Default::default()
+        };
+        for r in results {
+            match r {
+                PathResult::Pushed {
+                    path,
+                    nar_size,
+                    file_size,
+                } => {
+                    report.nar_bytes += nar_size;
+                    report.file_bytes += file_size;
+                    report.pushed.push(path);
+                }
+                PathResult::Failed(f) => report.failed.push(f),
+                PathResult::Skipped(p) => report.skipped.push(p),
+            }
+        }
+        report.elapsed = started.elapsed();
+        report
+    }
+
+    async fn push_one(
+        &self,
+        info: PathInfo,
+        deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)>,
+        slots: (Arc<Semaphore>, Arc<Semaphore>),
+        cancel: CancellationToken,
+        done: watch::Sender<Option<Outcome>>,
+    ) -> PathResult {
+        let result = self.push_one_inner(&info, deps, &slots, &cancel).await;
+        let outcome = match &result {
+            PathResult::Pushed { .. } => Outcome::Done,
+            PathResult::Failed(f) => {
+                self.emit(Event::Failed {
+                    path: f.path.clone(),
+                    message: f.message.clone(),
+                });
+                Outcome::Failed
+            }
+            PathResult::Skipped(_) => Outcome::Skipped,
+        };
+        let _ = done.send(Some(outcome));
+        result
+    }
+
+    async fn push_one_inner(
+        &self,
+        info: &PathInfo,
+        deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)>,
+        (semaphore, uploads): &(Arc<Semaphore>, Arc<Semaphore>),
+        cancel: &CancellationToken,
+    ) -> PathResult {
+        let path = info.path.clone();
+        let fail = |kind, message: String, hint: Option<String>| {
+            PathResult::Failed(PathFailure {
+                path: path.clone(),
+                kind,
+                message,
+                hint,
+            })
+        };
+
+        // A reference already known to be lost makes the work pointless.
+        for (dep, rx) in &deps {
+            if rx.is_none() {
+                return fail(
+                    FailureKind::Dependency,
+                    format!(
+                        "{}: its reference {} is not in the cache",
+                        path.to_absolute(),
+                        dep.to_absolute()
+                    ),
+                    Some("push without --no-closure to upload references too".into()),
+                );
+            }
+        }
+
+        let permit = tokio::select! {
+            p = semaphore.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return PathResult::Skipped(path),
+            },
+            _ = cancel.cancelled() => return PathResult::Skipped(path),
+        };
+        if cancel.is_cancelled() {
+            return PathResult::Skipped(path);
+        }
+        self.emit(Event::Started {
+            path: path.clone(),
+            nar_size: info.nar_size,
+        });
+
+        let prepared = match self.prepare(info).await {
+            Ok(p) => p,
+            Err(f) => return PathResult::Failed(f),
+        };
+        let guard = SpoolGuard(spool_file(&prepared));
+        // Waiting here (not cancellable) keeps the NAR's slot order; a cancelled push still
+        // finishes the uploads that are already prepared.
+        let upload_permit = match uploads.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return PathResult::Skipped(path),
+        };
+        drop(permit);
+        let url = match self
+            .retry(
+                &format!("uploading the NAR of {}", path.to_absolute()),
+                || self.target.put_nar(&prepared),
+            )
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => return PathResult::Failed(target_failure(&path, e)),
+        };
+        drop(upload_permit);
+
+        for (dep, rx) in deps {
+            let Some(mut rx) = rx else { continue };
+            let outcome = match rx.wait_for(|o| o.is_some()).await {
+                Ok(o) => *o,
+                Err(_) => None,
+            };
+            match outcome {
+                Some(Outcome::Done) => {}
+                Some(Outcome::Skipped) => return PathResult::Skipped(path),
+                _ => {
+                    return fail(
+                        FailureKind::Dependency,
+                        format!(
+                            "{}: not published because its reference {} failed",
+                            path.to_absolute(),
+                            dep.to_absolute()
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+
+        let narinfo = self.narinfo(&prepared, url);
+        let _upload_permit = match uploads.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return PathResult::Skipped(path),
+        };
+        if let Err(e) = self
+            .retry(
+                &format!("uploading the narinfo of {}", path.to_absolute()),
+                || self.target.put_narinfo(&narinfo, &prepared),
+            )
+            .await
+        {
+            return PathResult::Failed(target_failure(&path, e));
+        }
+        drop(guard);
+        let file_size = match &prepared.body {
+            NarBody::Spooled(s) => s.file_size,
+            NarBody::Raw(_) => info.nar_size,
+        };
+        self.emit(Event::Pushed {
+            path: path.clone(),
+            nar_size: info.nar_size,
+            file_size,
+        });
+        PathResult::Pushed {
+            path,
+            nar_size: info.nar_size,
+            file_size,
+        }
+    }
+
+    fn narinfo(&self, nar: &PreparedNar, url: String) -> NarInfo {
+        let info = &nar.info;
+        let (compression, file_hash, file_size) = match &nar.body {
+            NarBody::Spooled(s) => (s.compression, Some(s.file_hash), Some(s.file_size)),
+            NarBody::Raw(_) => ("none", None, None),
+        };
+        let mut narinfo = NarInfo {
+            store_path: info.path.clone(),
+            url,
+            compression: Some(compression.to_string()),
+            file_hash,
+            file_size,
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.iter().cloned().collect(),
+            deriver: info.deriver.clone(),
+            system: None,
+            sigs: Vec::new(),
+            ca: info.ca.clone(),
+        };
+        // Signatures the store already holds (e.g. from the upstream cache) stay valid:
+        // they sign the same fingerprint.
+        let own = self.key.as_ref().map(|k| format!("{}:", k.name()));
+        narinfo.sigs = info
+            .sigs
+            .iter()
+            .filter(|s| own.as_deref().is_none_or(|o| !s.starts_with(o)))
+            .cloned()
+            .collect();
+        if let Some(key) = &self.key {
+            narinfo.sign(key);
+        }
+        narinfo
+    }
+}
+
+enum PathResult {
+    Pushed {
+        path: StorePath,
+        nar_size: u64,
+        file_size: u64,
+    },
+    Failed(PathFailure),
+    Skipped(StorePath),
+}
+
+fn target_failure(path: &StorePath, e: TargetError) -> PathFailure {
+    PathFailure {
+        path: path.clone(),
+        kind: match e.kind {
+            ErrorKind::Transient => FailureKind::Transient,
+            ErrorKind::Auth => FailureKind::Auth,
+            ErrorKind::Permanent => FailureKind::Permanent,
+        },
+        message: e.message,
+        hint: e.hint,
+    }
+}
+
+fn spool_file(p: &PreparedNar) -> Option<PathBuf> {
+    match &p.body {
+        NarBody::Spooled(s) => Some(s.file.clone()),
+        NarBody::Raw(_) => None,
+    }
+}
+
+/// Removes a spooled NAR whatever way the upload ends; targets that renamed it away leave
+/// nothing to remove.
+struct SpoolGuard(Option<PathBuf>);
+
+impl Drop for SpoolGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

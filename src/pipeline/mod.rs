@@ -1,0 +1,278 @@
+//! The one upload pipeline, shared by `push`, the daemon and the store watchers.
+//!
+//! **Plan, then execute.** The plan reads the closure from the store, asks the target once
+//! (it batches as it likes) which paths it is missing, and counts what is already cached,
+//! before a single byte is uploaded. Execution then runs one task per missing path:
+//!
+//! 1. wait for a worker slot (`jobs` of them; tasks ask in dependency order, and the
+//!    semaphore is fair, so references get their slots first);
+//! 2. prepare the NAR as the target wants it ([`NarFormat`](crate::target::NarFormat)): for plain caches, serialize the
+//!    path from disk, hash it, compress it with zstd and hash the compressed bytes, all on a
+//!    blocking thread into a spool file; a NarHash or NarSize that differs from the store's
+//!    record stops the path here, before anything leaves the machine;
+//! 3. take an upload slot and give the worker slot back, then store the NAR. Storing is
+//!    bound by fsync or network latency, not CPU, so [`upload_slots`] of them (more than
+//!    `jobs`) keep many small paths moving while the cores compress the next ones, and a
+//!    file cache shares one directory fsync among all renames in flight. Spooled NARs
+//!    waiting for upload are bounded by the two slot counts together;
+//! 4. wait until every reference that was missing has its narinfo in the cache;
+//! 5. sign the narinfo and store it: the commit point.
+//!
+//! So a narinfo is written only after its NAR and its references' narinfos, and a path whose
+//! reference failed is never published. Transient target errors are retried with capped
+//! exponential backoff and jitter; one failing path does not stop the others, and every path
+//! gets an outcome in the [`Report`]. Progress is reported as [`Event`]s; printing is the
+//! caller's business.
+//!
+//! # Layout
+//!
+//! - `plan`: closure, the one question to the cache, and what is left to upload;
+//! - `execute`: one task per missing path, slots, ordering and the commit point;
+//! - `prepare`: turning a store path into the NAR a target wants (spooling for plain caches).
+
+mod execute;
+mod plan;
+mod prepare;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::format::signing::SigningKey;
+use crate::format::store_path::StorePath;
+use crate::store::{Store, StoreError};
+use crate::target::{DynTarget, TargetError};
+
+pub use plan::Plan;
+pub use prepare::spool_zstd;
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts after the first one.
+    pub retries: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retries: 4,
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Paths prepared and uploaded at once.
+    pub jobs: usize,
+    /// Where compressed NARs wait for upload when the target has no spool directory of its own.
+    pub spool_dir: PathBuf,
+    pub retry: RetryPolicy,
+}
+
+/// Uploads in flight at once: storing a NAR waits on fsync or the network, so several per
+/// core keep the cores busy; bounded so that spooled NARs never pile up on disk.
+pub fn upload_slots(jobs: usize) -> usize {
+    (jobs.max(1) * 4).clamp(8, 32)
+}
+
+/// What happens, as it happens, for progress bars, logs and the daemon's status.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Planned {
+        total: usize,
+        missing: usize,
+        cached: usize,
+        /// Uncompressed bytes of the missing paths.
+        missing_bytes: u64,
+    },
+    Started {
+        path: StorePath,
+        nar_size: u64,
+    },
+    Pushed {
+        path: StorePath,
+        nar_size: u64,
+        file_size: u64,
+    },
+    Failed {
+        path: StorePath,
+        message: String,
+    },
+    Retrying {
+        what: String,
+        delay: Duration,
+        error: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl PipelineError {
+    /// Whether running the same plan later can succeed without the user doing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PipelineError::Target(e) if e.is_retryable())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The cache was unreachable or failing; the same path can be pushed later.
+    Transient,
+    /// Credentials or permissions; the user must act.
+    Auth,
+    /// The cache refused it for good.
+    Permanent,
+    /// The path's contents on disk do not match the store's NarHash.
+    Corrupt,
+    /// The store path could not be read.
+    Unreadable,
+    /// A reference was not uploaded, so this path must not be published.
+    Dependency,
+}
+
+impl FailureKind {
+    /// A failure that will not go away by trying again later.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Corrupt | FailureKind::Unreadable | FailureKind::Permanent
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PathFailure {
+    pub path: StorePath,
+    pub kind: FailureKind,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub requested: Vec<StorePath>,
+    pub total: usize,
+    pub already_cached: usize,
+    pub pushed: Vec<StorePath>,
+    pub failed: Vec<PathFailure>,
+    /// Not started because of shutdown; still to do.
+    pub skipped: Vec<StorePath>,
+    pub nar_bytes: u64,
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Every path of the plan is in the cache now.
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty() && self.skipped.is_empty()
+    }
+
+    /// Whether `path` (one of the plan's) is in the cache after this run.
+    pub fn is_done(&self, path: &StorePath) -> bool {
+        !self.failed.iter().any(|f| &f.path == path) && !self.skipped.contains(path)
+    }
+}
+
+pub struct Pipeline {
+    store: Arc<Store>,
+    target: DynTarget,
+    /// `None` for targets that sign themselves (Attic) when no key is configured.
+    key: Option<Arc<SigningKey>>,
+    opts: Options,
+    events: Option<mpsc::UnboundedSender<Event>>,
+    /// The target is opened once, on first use, and reused by later runs (the daemon).
+    opened: tokio::sync::OnceCell<()>,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Arc<Store>,
+        target: DynTarget,
+        key: Option<SigningKey>,
+        opts: Options,
+    ) -> Pipeline {
+        Pipeline {
+            store,
+            target,
+            key: key.map(Arc::new),
+            opts,
+            events: None,
+            opened: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn with_events(mut self, tx: mpsc::UnboundedSender<Event>) -> Pipeline {
+        self.events = Some(tx);
+        self
+    }
+
+    pub fn target(&self) -> &DynTarget {
+        &self.target
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn emit(&self, e: Event) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Plans and executes; the common case.
+    pub async fn push(
+        &self,
+        roots: &[StorePath],
+        closure: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Report, PipelineError> {
+        let plan = self.plan(roots, closure).await?;
+        Ok(self.execute(&plan, cancel).await)
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, TargetError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, TargetError>>,
+    {
+        let policy = &self.opts.retry;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(policy.min_delay)
+            .with_max_delay(policy.max_delay)
+            .with_max_times(policy.retries)
+            .with_jitter();
+        op.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e: &TargetError| e.is_retryable())
+            .notify(|e: &TargetError, delay| {
+                tracing::debug!("{what}: {e}; retrying in {delay:?}");
+                self.emit(Event::Retrying {
+                    what: what.to_string(),
+                    delay,
+                    error: e.message.clone(),
+                })
+            })
+            .await
+    }
+}

@@ -1,0 +1,110 @@
+//! Preparing a path for its target: the raw NAR streamed from the store, or for plain
+//! caches a zstd file spooled to disk and checked against the store's NarHash before
+//! anything leaves the machine.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use super::{FailureKind, PathFailure, Pipeline};
+use crate::compress::FramedZstd;
+use crate::dump::{self, NarSource};
+use crate::format::hash::HashingWriter;
+use crate::store::PathInfo;
+use crate::target::{NarBody, NarFormat, PreparedNar, SpooledNar};
+
+impl Pipeline {
+    pub(super) async fn prepare(&self, info: &PathInfo) -> Result<PreparedNar, PathFailure> {
+        match self.target.nar_format() {
+            NarFormat::Raw => Ok(PreparedNar {
+                info: info.clone(),
+                body: NarBody::Raw(NarSource {
+                    path: info.path.clone(),
+                    nar_hash: info.nar_hash,
+                    nar_size: info.nar_size,
+                }),
+            }),
+            NarFormat::Zstd { level } => {
+                let dir = self
+                    .target
+                    .spool_dir()
+                    .unwrap_or_else(|| self.opts.spool_dir.clone());
+                let info2 = info.clone();
+                let spooled = tokio::task::spawn_blocking(move || spool_zstd(&info2, &dir, level))
+                    .await
+                    .map_err(|e| PathFailure {
+                        path: info.path.clone(),
+                        kind: FailureKind::Unreadable,
+                        message: format!("{}: internal error: {e}", info.path.to_absolute()),
+                        hint: None,
+                    })??;
+                Ok(PreparedNar {
+                    info: info.clone(),
+                    body: NarBody::Spooled(spooled),
+                })
+            }
+        }
+    }
+}
+
+/// Serializes, hashes and compresses one path into a spool file, checking the result
+/// against the store's record. Blocking.
+pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar, PathFailure> {
+    let abs = info.path.to_absolute();
+    let fail = |kind, message: String, hint: Option<String>| PathFailure {
+        path: info.path.clone(),
+        kind,
+        message,
+        hint,
+    };
+    let spool_err = |e: std::io::Error| {
+        fail(
+            FailureKind::Transient,
+            format!("{}: cannot write spool file: {e}", dir.display()),
+            Some("check free space and permissions of the state directory".into()),
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(spool_err)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".narpost-")
+        .suffix(".nar.zst")
+        .tempfile_in(dir)
+        .map_err(spool_err)?;
+    let file = tmp.reopen().map_err(spool_err)?;
+
+    let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let encoder = FramedZstd::new(compressed, level, info.nar_size).map_err(spool_err)?;
+    let nar = HashingWriter::new(encoder);
+    let nar = dump::dump_path(Path::new(&abs), nar).map_err(|e| {
+        fail(
+            FailureKind::Unreadable,
+            format!("{abs}: cannot serialize: {e}"),
+            Some(format!(
+                "check the path with `nix-store --verify-path {abs}`"
+            )),
+        )
+    })?;
+    let (encoder, nar_hash, nar_size) = nar.finish();
+    if nar_hash != info.nar_hash || nar_size != info.nar_size {
+        return Err(fail(
+            FailureKind::Corrupt,
+            format!(
+                "{abs}: contents do not match the store's NarHash (recorded {} / {} bytes, found {} / {} bytes); not uploading it or anything that refers to it",
+                info.nar_hash, info.nar_size, nar_hash, nar_size
+            ),
+            Some(format!(
+                "run `nix-store --verify-path {abs}` and repair it with `nix-store --repair-path {abs}`"
+            )),
+        ));
+    }
+    let compressed = encoder.finish().map_err(spool_err)?;
+    let (buf, file_hash, file_size) = compressed.finish();
+    let mut file = buf.into_inner().map_err(|e| spool_err(e.into_error()))?;
+    file.flush().map_err(spool_err)?;
+    let (_, path) = tmp.keep().map_err(|e| spool_err(e.error))?;
+    Ok(SpooledNar {
+        file: path,
+        compression: "zstd",
+        file_hash,
+        file_size,
+    })
+}

@@ -1,0 +1,285 @@
+//! Error paths and ordering against a fake target; the proof that real caches accept the
+//! result is in the end-to-end tests.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::format::hash::Sha256;
+use crate::format::narinfo::NarInfo;
+use crate::format::signing::SigningKey;
+use crate::store::{PathInfo, Store};
+use crate::target::{NarFormat, PreparedNar, Target, TargetError};
+
+/// What the fake cache saw, in order: `nar <name>` and `narinfo <name>`.
+#[derive(Default)]
+struct Fake {
+    log: Mutex<Vec<String>>,
+    cached: BTreeSet<String>,
+    /// Per path name: how put_nar answers, one error per attempt, then success.
+    nar_errors: Mutex<HashMap<String, Vec<TargetError>>>,
+}
+
+#[async_trait]
+impl Target for Fake {
+    fn url(&self) -> String {
+        "fake://".into()
+    }
+    fn nar_format(&self) -> NarFormat {
+        NarFormat::Raw
+    }
+    async fn open(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
+    async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
+        Ok(paths
+            .iter()
+            .filter(|p| !self.cached.contains(p.path.name()))
+            .map(|p| p.path.clone())
+            .collect())
+    }
+    async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError> {
+        let name = nar.info.path.name().to_string();
+        // Let other tasks run, so that a wrong order has the chance to show.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if let Some(errors) = self.nar_errors.lock().unwrap().get_mut(&name)
+            && !errors.is_empty()
+        {
+            return Err(errors.remove(0));
+        }
+        self.log.lock().unwrap().push(format!("nar {name}"));
+        Ok(format!("nar/{name}.nar"))
+    }
+    async fn put_narinfo(&self, narinfo: &NarInfo, _: &PreparedNar) -> Result<(), TargetError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("narinfo {}", narinfo.store_path.name()));
+        Ok(())
+    }
+}
+
+fn path(name: &str) -> StorePath {
+    let digest = Sha256::digest(name.as_bytes());
+    let hash = crate::format::nixbase32::encode(&digest.as_bytes()[..20]);
+    StorePath::from_base(&format!("{hash}-{name}")).expect("valid test path")
+}
+
+/// A store database with Nix's schema holding `graph` (name, references).
+fn store(dir: &Path, graph: &[(&str, &[&str])]) -> Arc<Store> {
+    let db = dir.join("db.sqlite");
+    let conn = rusqlite::Connection::open(&db).expect("create db");
+    conn.execute_batch(
+        "CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null, \
+         hash text not null, registrationTime integer not null, deriver text, narSize integer, \
+         ultimate integer, sigs text, ca text);
+         CREATE TABLE Refs (referrer integer not null, reference integer not null, primary key (referrer, reference));",
+    )
+    .expect("schema");
+    for (i, (name, _)) in graph.iter().enumerate() {
+        conn.execute(
+            "INSERT INTO ValidPaths (id, path, hash, registrationTime, narSize) VALUES (?1, ?2, ?3, 1, 8)",
+            rusqlite::params![
+                i as i64 + 1,
+                path(name).to_absolute(),
+                format!("sha256:{}", Sha256::digest(name.as_bytes()).to_hex())
+            ],
+        )
+        .expect("insert path");
+    }
+    let id = |n: &str| graph.iter().position(|(m, _)| *m == n).expect("known") as i64 + 1;
+    for (name, refs) in graph {
+        for r in *refs {
+            conn.execute(
+                "INSERT INTO Refs VALUES (?1, ?2)",
+                rusqlite::params![id(name), id(r)],
+            )
+            .expect("insert ref");
+        }
+    }
+    drop(conn);
+    Arc::new(Store::open(&db).expect("open test db"))
+}
+
+fn pipeline(store: Arc<Store>, fake: Arc<Fake>, dir: &Path) -> Pipeline {
+    Pipeline::new(
+        store,
+        fake,
+        Some(SigningKey::from_seed("test-1", [7; 32])),
+        Options {
+            jobs: 4,
+            spool_dir: dir.to_path_buf(),
+            retry: RetryPolicy {
+                retries: 3,
+                min_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+            },
+        },
+    )
+}
+
+const DIAMOND: &[(&str, &[&str])] = &[
+    ("base", &[]),
+    ("left", &["base"]),
+    ("right", &["base"]),
+    ("top", &["left", "right", "top"]),
+    ("other", &[]),
+];
+
+/// Pushes the named paths of the test store and their closures, not cancelled.
+async fn push_names(p: &Pipeline, names: &[&str]) -> Result<Report, PipelineError> {
+    let roots: Vec<StorePath> = names.iter().map(|n| path(n)).collect();
+    p.push(&roots, true, &CancellationToken::new()).await
+}
+
+fn position(log: &[String], entry: &str) -> Option<usize> {
+    log.iter().position(|l| l == entry)
+}
+
+#[tokio::test]
+async fn narinfos_follow_their_nar_and_every_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
+    let report = push_names(&p, &["top", "other"]).await.expect("push");
+    assert_eq!(report.pushed.len(), 5, "{report:?}");
+    assert!(report.failed.is_empty());
+    let log = fake.log.lock().unwrap().clone();
+    for (name, refs) in DIAMOND {
+        let info = position(&log, &format!("narinfo {name}")).expect("narinfo stored");
+        assert!(position(&log, &format!("nar {name}")).expect("nar stored") < info);
+        for r in refs.iter().filter(|r| *r != name) {
+            assert!(
+                position(&log, &format!("narinfo {r}")).expect("ref stored") < info,
+                "{name} before its reference {r}: {log:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn cached_paths_are_counted_and_not_uploaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake {
+        cached: ["base".to_string(), "left".to_string()].into(),
+        ..Default::default()
+    });
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
+    let report = push_names(&p, &["top"]).await.expect("push");
+    assert_eq!(report.already_cached, 2);
+    assert_eq!(report.total, 4);
+    let log = fake.log.lock().unwrap().clone();
+    assert!(
+        !log.iter()
+            .any(|l| l.ends_with(" base") || l.ends_with(" left")),
+        "{log:?}"
+    );
+    assert!(log.contains(&"narinfo top".to_string()));
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_until_the_upload_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    fake.nar_errors.lock().unwrap().insert(
+        "base".into(),
+        vec![
+            TargetError::transient("503 from the cache"),
+            TargetError::transient("connection reset"),
+        ],
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path()).with_events(tx);
+    let report = push_names(&p, &["top"]).await.expect("push");
+    assert_eq!(report.pushed.len(), 4, "{report:?}");
+    let mut retries = 0;
+    while let Ok(e) = rx.try_recv() {
+        if matches!(e, Event::Retrying { .. }) {
+            retries += 1;
+        }
+    }
+    assert_eq!(retries, 2);
+}
+
+#[tokio::test]
+async fn a_permanent_failure_withholds_every_referrer_but_not_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    fake.nar_errors
+        .lock()
+        .unwrap()
+        .insert("left".into(), vec![TargetError::permanent("403 Forbidden")]);
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
+    let report = push_names(&p, &["top", "other"]).await.expect("push");
+    let failed: BTreeSet<&str> = report.failed.iter().map(|f| f.path.name()).collect();
+    assert_eq!(failed, BTreeSet::from(["left", "top"]), "{report:?}");
+    let top = report
+        .failed
+        .iter()
+        .find(|f| f.path.name() == "top")
+        .expect("top failed");
+    assert!(top.message.contains("left"), "{}", top.message);
+    let log = fake.log.lock().unwrap().clone();
+    assert!(!log.contains(&"narinfo left".to_string()));
+    assert!(!log.contains(&"narinfo top".to_string()));
+    for ok in ["base", "right", "other"] {
+        assert!(log.contains(&format!("narinfo {ok}")), "{ok}: {log:?}");
+    }
+}
+
+#[tokio::test]
+async fn exhausted_retries_fail_the_path_with_the_last_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    fake.nar_errors.lock().unwrap().insert(
+        "other".into(),
+        (0..10)
+            .map(|_| TargetError::transient("502 Bad Gateway"))
+            .collect(),
+    );
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
+    let report = push_names(&p, &["other"]).await.expect("push");
+    assert_eq!(report.failed.len(), 1);
+    assert!(
+        report.failed[0].message.contains("502"),
+        "{:?}",
+        report.failed
+    );
+    assert!(fake.log.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_cancelled_push_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let p = pipeline(store(dir.path(), DIAMOND), fake.clone(), dir.path());
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let report = p.push(&[path("top")], true, &cancel).await.expect("push");
+    assert_eq!(report.skipped.len(), 4, "{report:?}");
+    assert!(fake.log.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_path_missing_from_the_store_is_a_plan_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let p = pipeline(store(dir.path(), DIAMOND), fake, dir.path());
+    let err = push_names(&p, &["absent"])
+        .await
+        .expect_err("not in the store");
+    assert!(
+        err.to_string().contains(&path("absent").to_absolute()),
+        "{err}"
+    );
+}
