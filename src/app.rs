@@ -54,6 +54,7 @@ pub fn pipeline_spooling_in(
             jobs: cfg.jobs,
             spool_dir,
             retry,
+            upstream_keys: cfg.upstream_keys.clone(),
         },
     ))
 }

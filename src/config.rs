@@ -15,6 +15,7 @@
 //! gc-roots-dir = "/nix/var/nix/gcroots/narpost"
 //! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
 //! http-timeout = 60                         # seconds an HTTP/Attic connection may make no progress
+//! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
 //! ```
 //!
 //! Secrets are only ever read from files or the environment, never from the command line,
@@ -65,6 +66,7 @@ struct FileConfig {
     gc_roots_dir: Option<PathBuf>,
     drain_timeout: Option<u64>,
     http_timeout: Option<u64>,
+    upstream_keys: Option<Vec<String>>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -96,7 +98,12 @@ pub struct Config {
     pub http_timeout: Duration,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
+    /// Key names whose signature in the local store means upstream serves the path.
+    pub upstream_keys: Vec<String>,
 }
+
+/// Paths substituted from the official cache are not pushed again unless configured so.
+pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &["cache.nixos.org-1"];
 
 impl Config {
     /// `config_file`: the `--config` flag or `NARPOST_CONFIG`; when absent, the system-wide
@@ -146,7 +153,22 @@ impl Config {
             .token_file
             .or_else(|| env("NARPOST_TOKEN_FILE").map(PathBuf::from))
             .or(file.token_file);
+        // Set but empty means "no upstream": the environment's way of saying `[]`.
+        let upstream_keys = match std::env::var("NARPOST_UPSTREAM_KEYS") {
+            Ok(v) => v
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Err(_) => file.upstream_keys.unwrap_or_else(|| {
+                DEFAULT_UPSTREAM_KEYS
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect()
+            }),
+        };
         Ok(Config {
+            upstream_keys,
             cache,
             cache_is_default,
             key_file,

@@ -73,6 +73,9 @@ pub struct DrainState {
     pub public_key: Option<String>,
     pub pushed: u64,
     pub already_cached: u64,
+    /// Paths signed by an upstream key, not uploaded.
+    #[serde(default)]
+    pub left_upstream: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
     pub cache_down_since: Option<u64>,
@@ -159,6 +162,7 @@ pub struct Drainer {
 pub struct Totals {
     pub pushed: u64,
     pub already_cached: u64,
+    pub left_upstream: u64,
     pub left: usize,
 }
 
@@ -420,6 +424,7 @@ impl Drainer {
         let report = self.pipeline.execute(&plan, cancel).await;
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
+        self.state.left_upstream += report.left_upstream as u64;
 
         let failures: HashMap<&StorePath, &crate::pipeline::PathFailure> =
             report.failed.iter().map(|f| (&f.path, f)).collect();
@@ -587,6 +592,7 @@ impl Drainer {
         Ok(Totals {
             pushed: self.state.pushed,
             already_cached: self.state.already_cached,
+            left_upstream: self.state.left_upstream,
             left: self.queue.depth().unwrap_or(0),
         })
     }
@@ -790,8 +796,8 @@ pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
     let grace = drainer.drain_timeout();
     let totals = drainer.run(stop, wake, false, grace).await?;
     eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} entries left queued",
-        totals.pushed, totals.already_cached, totals.left
+        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream",
+        totals.pushed, totals.already_cached, totals.left, totals.left_upstream
     );
     print_remaining(drainer.queue());
     Ok(())

@@ -19,10 +19,11 @@ pub async fn render(mut rx: mpsc::UnboundedReceiver<Event>) {
                 total,
                 missing,
                 cached,
+                upstream,
                 missing_bytes,
             } => {
                 eprintln!(
-                    "{total} paths in closure: {cached} already cached, {missing} to push ({})",
+                    "{total} paths in closure: {cached} already cached, {upstream} left to upstream, {missing} to push ({})",
                     HumanBytes(missing_bytes)
                 );
                 if tty && missing > 0 {
@@ -81,10 +82,17 @@ pub fn summary(report: &Report) -> String {
     let mut out = String::new();
     let secs = report.elapsed.as_secs_f64();
     if report.pushed.is_empty() && report.failed.is_empty() && report.skipped.is_empty() {
-        out.push_str(&format!(
-            "all {} paths were already cached; nothing to push\n",
-            report.total
-        ));
+        if report.left_upstream == 0 {
+            out.push_str(&format!(
+                "all {} paths were already cached; nothing to push\n",
+                report.total
+            ));
+        } else {
+            out.push_str(&format!(
+                "nothing to push: {} paths already cached, {} left to upstream\n",
+                report.already_cached, report.left_upstream
+            ));
+        }
         return out;
     }
     let ratio = if report.nar_bytes > 0 {
@@ -93,9 +101,10 @@ pub fn summary(report: &Report) -> String {
         100.0
     };
     out.push_str(&format!(
-        "pushed {} paths, {} already cached, {} failed, {} not started; {} -> {} ({ratio:.0}%) in {secs:.1}s\n",
+        "pushed {} paths, {} already cached, {} left to upstream, {} failed, {} not started; {} -> {} ({ratio:.0}%) in {secs:.1}s\n",
         report.pushed.len(),
         report.already_cached,
+        report.left_upstream,
         report.failed.len(),
         report.skipped.len(),
         HumanBytes(report.nar_bytes),

@@ -21,6 +21,8 @@ pub struct Status {
     pub queue_depth: usize,
     pub oldest_entry_age_secs: Option<u64>,
     pub pushed_since_start: Option<u64>,
+    /// Paths signed by an upstream key that the drainer left to upstream since it started.
+    pub left_upstream_since_start: Option<u64>,
     pub failed: Vec<FailedStatus>,
     /// Queue files that failed their checks and were set aside.
     pub corrupt: Vec<CorruptStatus>,
@@ -90,6 +92,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
         queue_depth: queue.depth()?,
         oldest_entry_age_secs: queue.oldest_age()?.map(|d| d.as_secs()),
         pushed_since_start: state.as_ref().filter(|_| running).map(|s| s.pushed),
+        left_upstream_since_start: state.as_ref().filter(|_| running).map(|s| s.left_upstream),
         failed,
         corrupt,
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
@@ -128,6 +131,9 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     if let Some(p) = s.pushed_since_start {
         println!("pushed:       {p} paths since start");
+    }
+    if let Some(u) = s.left_upstream_since_start {
+        println!("upstream:     {u} paths left to upstream since start");
     }
     if let Some(since) = s.cache_down_since {
         println!("cache down:   for {}", ago(since));

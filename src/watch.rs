@@ -434,16 +434,16 @@ fn print_summary(cfg: &Config, queue: &Queue, totals: Option<Totals>, failed_bef
     let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let (pushed, already_cached) = match (totals, &state) {
-        (Some(t), _) => (t.pushed, t.already_cached),
-        (None, Some(s)) => (s.pushed, s.already_cached),
-        (None, None) => (0, 0),
+    let (pushed, already_cached, upstream) = match (totals, &state) {
+        (Some(t), _) => (t.pushed, t.already_cached, t.left_upstream),
+        (None, Some(s)) => (s.pushed, s.already_cached, s.left_upstream),
+        (None, None) => (0, 0, 0),
     };
     let left = queue
         .depth()
         .unwrap_or_else(|_| totals.map_or(0, |t| t.left));
     eprintln!(
-        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued"
+        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued; {upstream} left to upstream"
     );
     let failed = queue
         .failed()

@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
+use narpost::format::store_path::StorePath;
 
 #[test]
 fn file_cache_closure_substitutes_with_signatures_required() {
@@ -358,4 +359,108 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             fs::copy(e.path(), dest).expect("copy");
         }
     }
+}
+
+/// A chain `low <- mid <- high` whose middle path is signed by a test "upstream" key in the
+/// local store, as a path substituted from cache.nixos.org is. Returns (low, mid, high).
+fn build_chain_with_upstream_middle(env: &Env, upstream_key: &std::path::Path) -> [StorePath; 3] {
+    let expr = format!(
+        r#"{prelude}rec {{
+  low = mk "narpost-up-low" "echo low > $out";
+  mid = mk "narpost-up-mid" "echo ${{low}} > $out";
+  high = mk "narpost-up-high" "echo ${{mid}} > $out";
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let file = env.write_nix("chain.nix", &expr);
+    let outs = nix_build(&file, &["low", "mid", "high"], &[]);
+    run(nix("nix")
+        .args(["store", "sign", "--key-file"])
+        .arg(upstream_key)
+        .arg(outs[1].to_absolute()));
+    [outs[0].clone(), outs[1].clone(), outs[2].clone()]
+}
+
+#[test]
+fn upstream_signed_paths_are_left_upstream_and_the_closure_still_substitutes() {
+    let env = Env::new();
+    let (upstream_key, upstream_public) = env.keygen("test-upstream-1");
+    let [low, mid, high] = build_chain_with_upstream_middle(&env, &upstream_key);
+    let (key, public) = env.keygen("test-cache-1");
+    let config = env.path().join("narpost.toml");
+    fs::write(&config, "upstream-keys = [\"test-upstream-1\"]\n").expect("write config");
+    let cache = env.path().join("cache");
+    let url = format!("file://{}", cache.display());
+
+    let text = pushed(
+        push_cmd(&env, &url, &key, &high)
+            .arg("--config")
+            .arg(&config),
+    );
+    assert!(
+        text.contains("pushed 2 paths, 0 already cached, 1 left to upstream"),
+        "{text}"
+    );
+    let dir = CacheDir::new(&cache).with_upstream(&["test-upstream-1"]);
+    assert!(dir.has(&high) && dir.has(&low), "{text}");
+    assert!(
+        !dir.has(&mid),
+        "the upstream-signed path was pushed:\n{text}"
+    );
+    dir.assert_complete();
+    // Against an upstream list without the key, the cache is rightly incomplete.
+    assert!(
+        !CacheDir::new(&cache)
+            .with_upstream(&[])
+            .problems()
+            .is_empty()
+    );
+
+    // "Upstream": a second cache holding just the upstream-signed path, with its signature.
+    let up = env.path().join("upstream");
+    let up_url = format!("file://{}", up.display());
+    run(nix("nix")
+        .args(["copy", "--to", &up_url])
+        .arg(mid.to_absolute()));
+    for narinfo in fs::read_dir(&up)
+        .expect("read the upstream cache")
+        .flatten()
+    {
+        let name = narinfo.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".narinfo") && !name.starts_with(mid.hash_part()) {
+            fs::remove_file(narinfo.path()).expect("remove a narinfo");
+        }
+    }
+    let fresh = env.path().join("fresh");
+    run(nix("nix-store")
+        .arg("--store")
+        .arg(&fresh)
+        .args(["--realise", &high.to_absolute()])
+        .args(["--option", "substituters", &format!("{url} {up_url}")])
+        .args(["--option", "require-sigs", "true"])
+        .args([
+            "--option",
+            "trusted-public-keys",
+            &format!("{public} {upstream_public}"),
+        ]));
+    let got = parse_paths(&stdout(&run(nix("nix")
+        .args(["path-info", "-r", "--store"])
+        .arg(&fresh)
+        .arg(high.to_absolute()))));
+    assert_eq!(got.len(), 3, "{got:?}");
+
+    // `upstream-keys = []` pushes everything.
+    fs::write(&config, "upstream-keys = []\n").expect("write config");
+    let all = env.path().join("all");
+    let all_url = format!("file://{}", all.display());
+    let text = pushed(
+        push_cmd(&env, &all_url, &key, &high)
+            .arg("--config")
+            .arg(&config),
+    );
+    assert!(text.contains("pushed 3 paths"), "{text}");
+    let all = CacheDir::new(&all).with_upstream(&[]);
+    assert!(all.has(&mid));
+    all.assert_complete();
 }

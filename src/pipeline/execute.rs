@@ -70,6 +70,7 @@ impl Pipeline {
             requested: plan.requested.clone(),
             total: plan.paths.len(),
             already_cached: plan.cached(),
+            left_upstream: plan.upstream.len(),
             ..Default::default()
         };
         for r in results {

@@ -19,7 +19,10 @@
 //! 5. sign the narinfo and store it: the commit point.
 //!
 //! So a narinfo is written only after its NAR and its references' narinfos, and a path whose
-//! reference failed is never published. Transient target errors are retried with capped
+//! reference failed is never published. The guarantee a cache gets from this: **every
+//! reference of a narinfo in the cache is in the cache too, or is signed in the local store
+//! by one of the `upstream-keys`** (a path substituted from upstream, which the plan leaves
+//! there: machines that substitute from this cache fetch it from upstream). Transient target errors are retried with capped
 //! exponential backoff and jitter; one failing path does not stop the others, and every path
 //! gets an outcome in the [`Report`]. Progress is reported as [`Event`]s; printing is the
 //! caller's business.
@@ -50,7 +53,7 @@ use crate::format::store_path::StorePath;
 use crate::store::{Store, StoreError};
 use crate::target::{DynTarget, TargetError};
 
-pub use plan::Plan;
+pub use plan::{Plan, signed_by_any};
 pub use prepare::spool_zstd;
 
 #[derive(Debug, Clone)]
@@ -78,6 +81,8 @@ pub struct Options {
     /// Where compressed NARs wait for upload when the target has no spool directory of its own.
     pub spool_dir: PathBuf,
     pub retry: RetryPolicy,
+    /// Key names whose signature in the local store means upstream serves the path.
+    pub upstream_keys: Vec<String>,
 }
 
 /// Uploads in flight at once: storing a NAR waits on fsync or the network, so several per
@@ -93,6 +98,8 @@ pub enum Event {
         total: usize,
         missing: usize,
         cached: usize,
+        /// Paths signed by an upstream key, left to upstream.
+        upstream: usize,
         /// Uncompressed bytes of the missing paths.
         missing_bytes: u64,
     },
@@ -172,6 +179,8 @@ pub struct Report {
     pub requested: Vec<StorePath>,
     pub total: usize,
     pub already_cached: usize,
+    /// Paths signed by an upstream key, not uploaded.
+    pub left_upstream: usize,
     pub pushed: Vec<StorePath>,
     pub failed: Vec<PathFailure>,
     /// Not started because of shutdown; still to do.

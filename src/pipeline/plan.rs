@@ -1,6 +1,14 @@
 //! The plan: the closure (or just the requested paths, with the references outside them
 //! that the cache must already have), and one question to the cache about what it lacks.
 //! Nothing is uploaded here.
+//!
+//! Two filters decide what is left to upload: what the cache already has, and what upstream
+//! serves. A path whose signatures in the local store include one of the `upstream-keys`
+//! (by default `cache.nixos.org-1`) was substituted from that cache, which every machine
+//! substituting from ours can reach too; pushing it again would copy most of a NixOS
+//! closure for nothing. Such a path is not asked about and not uploaded, but its references
+//! still are unless they are upstream-signed themselves, so the cache stays complete in
+//! the sense the pipeline's module doc gives.
 
 use std::collections::HashSet;
 
@@ -15,8 +23,10 @@ pub struct Plan {
     pub requested: Vec<StorePath>,
     /// Every path considered, references before referrers.
     pub paths: Vec<PathInfo>,
-    /// Which of `paths` the cache does not have.
+    /// Which of `paths` the cache does not have (and upstream does not serve).
     pub missing: HashSet<StorePath>,
+    /// Which of `paths` are signed by an upstream key: left to upstream, not uploaded.
+    pub upstream: HashSet<StorePath>,
     /// References outside `paths` that the cache lacks (only with `closure = false`):
     /// whatever refers to them cannot be published.
     pub unavailable: HashSet<StorePath>,
@@ -24,7 +34,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn cached(&self) -> usize {
-        self.paths.len() - self.missing.len()
+        self.paths.len() - self.missing.len() - self.upstream.len()
     }
 }
 
@@ -64,8 +74,19 @@ impl Pipeline {
         .map_err(|e| PipelineError::Internal(e.to_string()))??;
 
         self.open_target().await?;
-        let mut ask = paths.clone();
-        ask.extend(context.iter().cloned());
+        let keys = &self.opts.upstream_keys;
+        let upstream: HashSet<StorePath> = paths
+            .iter()
+            .filter(|p| signed_by_any(p, keys))
+            .map(|p| p.path.clone())
+            .collect();
+        // An upstream-signed reference outside the plan is as good as cached.
+        let ask: Vec<PathInfo> = paths
+            .iter()
+            .chain(context.iter())
+            .filter(|p| !signed_by_any(p, keys))
+            .cloned()
+            .collect();
         let absent = self
             .retry("asking the cache which paths it has", || {
                 self.target.missing(&ask)
@@ -77,6 +98,7 @@ impl Pipeline {
         let plan = Plan {
             requested: roots.to_vec(),
             missing,
+            upstream,
             unavailable,
             paths,
         };
@@ -84,6 +106,7 @@ impl Pipeline {
             total: plan.paths.len(),
             missing: plan.missing.len(),
             cached: plan.cached(),
+            upstream: plan.upstream.len(),
             missing_bytes: plan
                 .paths
                 .iter()
@@ -93,4 +116,13 @@ impl Pipeline {
         });
         Ok(plan)
     }
+}
+
+/// Whether the store holds a signature of `info` by one of `keys` (by key name; the
+/// signature itself was checked by Nix when the path was substituted).
+pub fn signed_by_any(info: &PathInfo, keys: &[String]) -> bool {
+    info.sigs.iter().any(|sig| {
+        sig.split_once(':')
+            .is_some_and(|(name, _)| keys.iter().any(|k| k == name))
+    })
 }

@@ -124,6 +124,7 @@ fn pipeline(store: Arc<Store>, fake: Arc<Fake>, dir: &Path) -> Pipeline {
                 min_delay: Duration::from_millis(1),
                 max_delay: Duration::from_millis(5),
             },
+            upstream_keys: vec!["upstream-1".into()],
         },
     )
 }
@@ -140,6 +141,17 @@ const DIAMOND: &[(&str, &[&str])] = &[
 async fn push_names(p: &Pipeline, names: &[&str]) -> Result<Report, PipelineError> {
     let roots: Vec<StorePath> = names.iter().map(|n| path(n)).collect();
     p.push(&roots, true, &CancellationToken::new()).await
+}
+
+/// Records a signature by `key` for the named path of the test store, as `nix store sign`
+/// (or substituting from a cache) would.
+fn sign(dir: &Path, name: &str, key: &str) {
+    let conn = rusqlite::Connection::open(dir.join("db.sqlite")).expect("open db");
+    conn.execute(
+        "UPDATE ValidPaths SET sigs = ?1 WHERE path = ?2",
+        rusqlite::params![format!("{key}:c2lnbmF0dXJl"), path(name).to_absolute()],
+    )
+    .expect("sign");
 }
 
 fn position(log: &[String], entry: &str) -> Option<usize> {
@@ -165,6 +177,43 @@ async fn narinfos_follow_their_nar_and_every_reference() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn upstream_signed_paths_are_left_out_but_their_references_are_pushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    // `left` is upstream, `right` is signed by a key that is not: `base` still goes up,
+    // and `top` is published even though its reference `left` is not in the cache.
+    let store = store(dir.path(), DIAMOND);
+    sign(dir.path(), "left", "upstream-1");
+    sign(dir.path(), "right", "someone-else-1");
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["top"]).await.expect("push");
+    assert_eq!(report.left_upstream, 1, "{report:?}");
+    assert_eq!(report.pushed.len(), 3, "{report:?}");
+    assert!(report.is_done(&path("top")));
+    let log = fake.log.lock().unwrap().clone();
+    assert!(!log.iter().any(|l| l.ends_with(" left")), "{log:?}");
+    for name in ["base", "right", "top"] {
+        assert!(log.contains(&format!("narinfo {name}")), "{name}: {log:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_upstream_keys_push_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    sign(dir.path(), "left", "upstream-1");
+    let mut p = pipeline(store, fake.clone(), dir.path());
+    p.opts.upstream_keys.clear();
+    let report = push_names(&p, &["top"]).await.expect("push");
+    assert_eq!(
+        (report.left_upstream, report.pushed.len()),
+        (0, 4),
+        "{report:?}"
+    );
 }
 
 #[tokio::test]

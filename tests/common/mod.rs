@@ -288,11 +288,38 @@ pub fn assert_substitutes(env: &Env, cache_url: &str, trusted_key: &str, paths: 
 /// What a binary-cache directory (file://, the nginx root, an S3 bucket's files) holds.
 pub struct CacheDir {
     pub root: PathBuf,
+    /// Key names of upstream caches: a reference signed by one of them in the local store
+    /// may be missing from the cache (narpost's default list unless set).
+    pub upstream: Vec<String>,
 }
 
 impl CacheDir {
     pub fn new(root: impl Into<PathBuf>) -> CacheDir {
-        CacheDir { root: root.into() }
+        CacheDir {
+            root: root.into(),
+            upstream: narpost::config::DEFAULT_UPSTREAM_KEYS
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
+        }
+    }
+
+    /// The same cache checked against another upstream list (the one narpost pushed with).
+    pub fn with_upstream(mut self, keys: &[&str]) -> CacheDir {
+        self.upstream = keys.iter().map(|k| k.to_string()).collect();
+        self
+    }
+
+    /// Whether the local store holds a signature of `path` by one of the upstream keys.
+    fn upstream_signed(&self, path: &StorePath) -> bool {
+        let Ok(store) = narpost::store::Store::open_default() else {
+            return false;
+        };
+        store.query(std::slice::from_ref(path)).is_ok_and(|infos| {
+            infos
+                .iter()
+                .any(|i| narpost::pipeline::signed_by_any(i, &self.upstream))
+        })
     }
 
     /// Every narinfo, by store path.
@@ -334,7 +361,8 @@ impl CacheDir {
 
     /// The completeness check every end-to-end test runs: each narinfo parses, names a NAR
     /// that exists with the recorded FileSize and FileHash, and each of its references has
-    /// a narinfo too. Returns the problems found, one line each.
+    /// a narinfo too or is signed by an upstream key in the local store. Returns the
+    /// problems found, one line each.
     pub fn problems(&self) -> Vec<String> {
         let infos = self.narinfos();
         let mut problems = Vec::new();
@@ -362,7 +390,10 @@ impl CacheDir {
                 }
             }
             for reference in &info.references {
-                if reference != path && !infos.contains_key(reference) {
+                if reference != path
+                    && !infos.contains_key(reference)
+                    && !self.upstream_signed(reference)
+                {
                     problems.push(format!("{path}: reference {reference} has no narinfo"));
                 }
             }
