@@ -138,6 +138,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+
+    /// Print the completion script for SHELL, e.g. `narpost completions bash >
+    /// /usr/share/bash-completion/completions/narpost`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page; with --out, write it and one page per subcommand to DIR.
+    Man {
+        /// Directory for narpost.1, narpost-push.1 and the others.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 impl TargetArgs {

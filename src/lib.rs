@@ -17,10 +17,11 @@
 //! - [`watch`]: notices store paths that become valid.
 //! - [`status`]: what `narpost status` reports.
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
-//! - [`cli`]: the command line; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
+//! - [`cli`]: the command line; [`cli_docs`]: its completions and man pages; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
 
 pub mod app;
 pub mod cli;
+pub mod cli_docs;
 pub mod compress;
 pub mod config;
 pub mod daemon;

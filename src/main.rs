@@ -138,6 +138,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             narpost::status::print(&cfg, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            narpost::cli_docs::write_completions(shell, &mut std::io::stdout().lock())
+                .context("cannot write the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out: None } => {
+            narpost::cli_docs::write_man_page(&mut std::io::stdout().lock())
+                .context("cannot write the man page")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out: Some(dir) } => {
+            narpost::cli_docs::write_man_pages(&dir)
+                .with_context(|| format!("{}: cannot write the man pages", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
