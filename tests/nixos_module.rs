@@ -1,0 +1,632 @@
+//! nix/module.nix evaluated by nixpkgs' real module system (`lib.evalModules`), with the NixOS
+//! options it sets declared loosely by tests/nixos/eval.nix; and every .nix file parsed.
+//!
+//! nixpkgs' lib comes from `NIXPKGS_LIB` (its `lib` directory) or `<nixpkgs/lib>` on
+//! NIX_PATH; with neither, these tests fail. What they cannot show: a NixOS evaluation with the
+//! full nixpkgs (the real systemd, nix and environment.etc modules), the package built by
+//! nixpkgs, a VM booting with the module.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// nixpkgs' lib directory, or None to let the evaluation use `<nixpkgs/lib>`; panics when
+/// neither is there.
+fn nixpkgs_lib() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("NIXPKGS_LIB").filter(|v| !v.is_empty()) {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("default.nix").is_file(),
+            "NIXPKGS_LIB={} is not nixpkgs' lib directory (no default.nix in it)",
+            dir.display()
+        );
+        return Some(dir);
+    }
+    let found = common::nix("nix-instantiate")
+        .args(["--find-file", "nixpkgs/lib"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "nixpkgs' lib is needed to evaluate the NixOS module: set NIXPKGS_LIB to a nixpkgs \
+         checkout's lib/ directory, or put nixpkgs on NIX_PATH (nixpkgs=/path/to/nixpkgs)"
+    );
+    None
+}
+
+struct Evaluated {
+    json: Value,
+    /// The raw JSON text, to search for secrets.
+    text: String,
+    /// The store the evaluation wrote its files (the config file) to.
+    store: tempfile::TempDir,
+}
+
+/// Evaluates `file` (under tests/nixos/) with `args`, writing any file it generates into a
+/// store of its own.
+fn instantiate(file: &str, args: &[(&str, &str)]) -> Result<Evaluated, String> {
+    let store = tempfile::tempdir().unwrap();
+    let mut cmd = common::nix("nix-instantiate");
+    cmd.arg("--store")
+        .arg(store.path())
+        .args(["--read-write-mode", "--eval", "--strict", "--json"])
+        .arg(Path::new(REPO).join("tests/nixos").join(file));
+    for (name, value) in args {
+        cmd.args(["--argstr", name, value]);
+    }
+    if let Some(lib) = nixpkgs_lib() {
+        cmd.arg("--arg").arg("libPath").arg(lib);
+    }
+    let out = cmd.output().expect("cannot run nix-instantiate");
+    if !out.status.success() {
+        return Err(common::stderr(&out));
+    }
+    let text = common::stdout(&out);
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    Ok(Evaluated { json, text, store })
+}
+
+/// Evaluates nix/module.nix with `definitions` (each a module's `config`).
+fn evaluate(definitions: Value) -> Result<Evaluated, String> {
+    let case = json!({ "definitions": definitions }).to_string();
+    instantiate("eval.nix", &[("caseJson", &case)])
+}
+
+fn eval_ok(definitions: Value) -> Evaluated {
+    evaluate(definitions).unwrap_or_else(|e| panic!("evaluation failed:\n{e}"))
+}
+
+fn narpost(options: Value) -> Value {
+    json!([{ "services": { "narpost": options } }])
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(strs).collect(),
+        Value::String(s) => s.split_whitespace().map(String::from).collect(),
+        Value::Bool(b) => vec![b.to_string()],
+        Value::Number(n) => vec![n.to_string()],
+        other => panic!("not a unit setting: {other}"),
+    }
+}
+
+impl Evaluated {
+    fn package(&self) -> &str {
+        self.json["packageOutPath"].as_str().unwrap()
+    }
+
+    fn service(&self) -> &Value {
+        &self.json["systemd"]["services"]["narpost"]
+    }
+
+    /// The generated config file, parsed.
+    fn config_file(&self) -> toml::Table {
+        let text = self.json["environment"]["etc"]["narpost/narpost.toml"]["text"]
+            .as_str()
+            .expect("no /etc/narpost/narpost.toml");
+        text.parse()
+            .unwrap_or_else(|e| panic!("narpost.toml: {e}\n{text}"))
+    }
+
+    /// Every generated file, by path: what the evaluation wrote to its store.
+    fn generated_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    walk(&path, out);
+                } else if meta.is_file() {
+                    out.push((path.clone(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.store.path().join("nix/store"), &mut files);
+        files
+    }
+}
+
+#[test]
+fn disabled_module_defines_nothing() {
+    for options in [
+        json!({}),
+        json!({ "enable": false, "cache": "s3://bucket" }),
+    ] {
+        let e = eval_ok(narpost(options));
+        assert_eq!(
+            e.json["systemd"],
+            json!({ "services": {}, "tmpfiles": { "rules": [] } })
+        );
+        assert_eq!(e.json["nix"], json!({ "settings": {} }));
+        assert_eq!(
+            e.json["environment"],
+            json!({ "etc": {}, "systemPackages": [] })
+        );
+        assert_eq!(e.json["warnings"], json!([]));
+        assert!(e.generated_files().is_empty());
+    }
+}
+
+#[test]
+fn enabled_module_hooks_nix_and_runs_the_daemon() {
+    let secrets = tempfile::tempdir().unwrap();
+    let marker = format!("SECRET-MARKER-{}", common::nonce());
+    let key = secrets.path().join("cache.example.org-1.sec");
+    let token = secrets.path().join("token");
+    let env_file = secrets.path().join("narpost.env");
+    std::fs::write(&key, format!("cache.example.org-1:{marker}\n")).unwrap();
+    std::fs::write(&token, format!("{marker}\n")).unwrap();
+    std::fs::write(&env_file, format!("AWS_SECRET_ACCESS_KEY={marker}\n")).unwrap();
+    let cache = "s3://nix-cache?region=eu-central-1&endpoint=s3.example.org";
+
+    let e = eval_ok(narpost(json!({
+        "enable": true,
+        "cache": cache,
+        "secretKeyFile": key,
+        "tokenFile": token,
+        "environmentFile": env_file,
+        "settings": { "jobs": 3, "compression-level": 9, "cache": "file:///overridden" },
+    })));
+    let pkg = e.package();
+
+    assert_eq!(
+        e.json["nix"]["settings"]["post-build-hook"],
+        json!(format!("{pkg}/bin/narpost-hook"))
+    );
+    let service = e.service();
+    assert_eq!(
+        strs(&service["serviceConfig"]["ExecStart"]),
+        [format!("{pkg}/bin/narpost"), "daemon".to_string()]
+    );
+    assert!(strs(&service["wantedBy"]).contains(&"multi-user.target".to_string()));
+    assert_eq!(service["serviceConfig"]["EnvironmentFile"], json!(env_file));
+
+    // The daemon (and the hook, and `narpost status`) read /etc/narpost/narpost.toml.
+    let config = e.config_file();
+    assert_eq!(config["cache"].as_str(), Some(cache), "typed option wins");
+    assert_eq!(config["secret-key-file"].as_str(), key.to_str());
+    assert_eq!(config["token-file"].as_str(), token.to_str());
+    assert_eq!(config["jobs"].as_integer(), Some(3));
+    assert_eq!(config["compression-level"].as_integer(), Some(9));
+    assert_eq!(config.len(), 5, "{config:?}");
+    // A changed config restarts the daemon.
+    let source = &e.json["environment"]["etc"]["narpost/narpost.toml"]["source"];
+    assert_eq!(service["restartTriggers"], json!([source]));
+    let warnings = e.json["warnings"].to_string();
+    assert!(
+        warnings.contains("services.narpost.settings.cache") && warnings.contains("overridden"),
+        "{warnings}"
+    );
+    assert_eq!(e.json["environment"]["systemPackages"], json!([pkg]));
+
+    // The module names the secrets; it never reads them.
+    assert!(
+        !e.text.contains(&marker),
+        "a secret reached the evaluation: {}",
+        e.text
+    );
+    let files = e.generated_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    for (path, bytes) in files {
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&marker),
+            "{} holds a secret",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn hook_disabled_leaves_post_build_hook_alone() {
+    let e = eval_ok(narpost(
+        json!({ "enable": true, "hook": { "enable": false } }),
+    ));
+    assert_eq!(e.json["nix"]["settings"], json!({}));
+    assert!(e.service().is_object(), "the daemon still runs");
+
+    let mut definitions = narpost(json!({ "enable": true, "hook": { "enable": false } }));
+    let own_hook = "/etc/nix/upload-to-cache";
+    definitions
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "nix": { "settings": { "post-build-hook": own_hook } } }));
+    let e = eval_ok(definitions);
+    assert_eq!(
+        e.json["nix"]["settings"],
+        json!({ "post-build-hook": own_hook })
+    );
+
+    // With the hook on, a second hook is a conflict NixOS reports, not one silently lost.
+    let mut definitions = narpost(json!({ "enable": true }));
+    definitions
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "nix": { "settings": { "post-build-hook": own_hook } } }));
+    let err = evaluate(definitions)
+        .err()
+        .expect("two hooks must conflict");
+    assert!(err.contains("post-build-hook"), "{err}");
+}
+
+#[test]
+fn defaults_leave_the_config_file_empty() {
+    let e = eval_ok(narpost(json!({ "enable": true })));
+    assert!(e.config_file().is_empty());
+    assert_eq!(e.json["warnings"], json!([]));
+    assert!(
+        e.service()["serviceConfig"]
+            .get("EnvironmentFile")
+            .is_none()
+    );
+}
+
+#[test]
+fn secrets_that_would_land_in_the_store_are_refused() {
+    for (option, value) in [
+        (
+            "secretKeyFile",
+            "/nix/store/00000000000000000000000000000000-key.sec",
+        ),
+        ("secretKeyFile", "cache.sec"),
+        ("tokenFile", "./token"),
+        (
+            "environmentFile",
+            "/nix/store/00000000000000000000000000000000-env",
+        ),
+    ] {
+        let err = evaluate(narpost(json!({ "enable": true, option: value })))
+            .err()
+            .unwrap_or_else(|| panic!("{option} = {value} was accepted"));
+        assert!(
+            err.contains(&format!("services.narpost.{option}"))
+                && err.contains("absolute path outside the Nix store"),
+            "{option} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn file_cache_and_gc_roots_outside_the_defaults_are_writable() {
+    let e = eval_ok(narpost(json!({
+        "enable": true,
+        "cache": "file:///srv/nix-cache?compression=zstd",
+        "settings": { "gc-roots-dir": "/var/lib/ci-roots" },
+    })));
+    let paths = strs(&e.service()["serviceConfig"]["ReadWritePaths"]);
+    assert!(paths.contains(&"/srv/nix-cache".to_string()), "{paths:?}");
+    assert!(
+        paths.contains(&"/var/lib/ci-roots".to_string()),
+        "{paths:?}"
+    );
+    assert_eq!(
+        e.json["systemd"]["tmpfiles"]["rules"],
+        json!([
+            "d /srv/nix-cache 0755 root root -",
+            "d /srv/nix-cache/nar 0755 root root -"
+        ])
+    );
+}
+
+/// systemd/narpost.service: (section, key) -> every value given, lists split on whitespace.
+fn unit_file() -> BTreeMap<(String, String), Vec<String>> {
+    let text = std::fs::read_to_string(Path::new(REPO).join("systemd/narpost.service")).unwrap();
+    let mut section = String::new();
+    let mut settings: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("narpost.service: not a setting: {line}"));
+        let values = settings
+            .entry((section.clone(), key.to_string()))
+            .or_default();
+        if key == "Description" {
+            values.push(value.to_string());
+        } else {
+            values.extend(value.split_whitespace().map(String::from));
+        }
+    }
+    settings
+}
+
+#[test]
+fn service_matches_the_systemd_unit() {
+    let e = eval_ok(narpost(json!({ "enable": true })));
+    let service = e.service().as_object().unwrap();
+    let pkg = e.package();
+    let mut module: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut put = |section: &str, key: &str, values: Vec<String>| {
+        module.insert((section.into(), key.into()), values);
+    };
+    for (attr, value) in service {
+        match attr.as_str() {
+            "description" => put("Unit", "Description", vec![value.as_str().unwrap().into()]),
+            "after" => put("Unit", "After", strs(value)),
+            "wants" => put("Unit", "Wants", strs(value)),
+            "before" => put("Unit", "Before", strs(value)),
+            "wantedBy" => put("Install", "WantedBy", strs(value)),
+            "environment" => put(
+                "Service",
+                "Environment",
+                value
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+                    .collect(),
+            ),
+            // NixOS-only: restarts the daemon when its config file changes.
+            "restartTriggers" => {}
+            "serviceConfig" => {
+                for (key, value) in value.as_object().unwrap() {
+                    let mut values = strs(value);
+                    if key == "ExecStart" {
+                        // The unit names the binary where a hand installation puts it.
+                        values[0] = values[0].replace(pkg, "/usr/local");
+                    }
+                    put("Service", key, values);
+                }
+            }
+            other => panic!("services.narpost sets {other}, which no unit setting matches"),
+        }
+    }
+    let unit = unit_file();
+    let keys = |m: &BTreeMap<(String, String), Vec<String>>| m.keys().cloned().collect::<Vec<_>>();
+    let only_unit: Vec<_> = keys(&unit)
+        .into_iter()
+        .filter(|k| !module.contains_key(k))
+        .collect();
+    let only_module: Vec<_> = keys(&module)
+        .into_iter()
+        .filter(|k| !unit.contains_key(k))
+        .collect();
+    assert!(
+        only_unit.is_empty() && only_module.is_empty(),
+        "systemd/narpost.service and nix/module.nix differ: only in the unit {only_unit:?}, \
+         only in the module {only_module:?}"
+    );
+    for (key, values) in &unit {
+        assert_eq!(&module[key], values, "{key:?} differs");
+    }
+}
+
+#[test]
+fn every_nix_file_parses() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    walk(&path, out);
+                }
+            } else if name.ends_with(".nix") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(Path::new(REPO), &mut files);
+    for expected in [
+        "flake.nix",
+        "nix/module.nix",
+        "nix/package.nix",
+        "tests/nixos/eval.nix",
+    ] {
+        assert!(
+            files.contains(&Path::new(REPO).join(expected)),
+            "{expected} not found"
+        );
+    }
+    for file in &files {
+        common::run(common::nix("nix-instantiate").arg("--parse").arg(file));
+    }
+}
+
+#[test]
+fn flake_module_brings_the_package_through_the_overlay() {
+    let case = json!({
+        "viaFlake": true,
+        "definitions": narpost(json!({ "enable": true })),
+    })
+    .to_string();
+    let e = instantiate("eval.nix", &[("caseJson", &case)])
+        .unwrap_or_else(|err| panic!("evaluation failed:\n{err}"));
+    // The configuration's own pkgs, extended by the flake's overlay, built it.
+    let pkg = e.package();
+    assert!(pkg.ends_with("-narpost-0.1.0-x86_64-linux"), "{pkg}");
+    assert_eq!(
+        e.json["nix"]["settings"]["post-build-hook"],
+        json!(format!("{pkg}/bin/narpost-hook"))
+    );
+}
+
+fn cargo_manifest() -> toml::Table {
+    std::fs::read_to_string(Path::new(REPO).join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn flake_packages_both_systems_from_the_repository() {
+    let e = instantiate("flake-outputs.nix", &[]).unwrap_or_else(|err| panic!("{err}"));
+    let manifest = cargo_manifest();
+    let package = &manifest["package"];
+    let packages = e.json["packages"].as_object().unwrap();
+    assert_eq!(
+        packages.keys().collect::<Vec<_>>(),
+        ["aarch64-linux", "x86_64-linux"]
+    );
+    for (system, outputs) in packages {
+        let narpost = &outputs["narpost"];
+        assert_eq!(outputs["default"], *narpost, "{system}: default is narpost");
+        assert!(
+            narpost["name"].as_str().unwrap().ends_with(system.as_str()),
+            "{system}: built by that system's nixpkgs: {narpost}"
+        );
+    }
+    let overlay = &e.json["overlay"];
+    assert_eq!(overlay["name"], json!("narpost-0.1.0-aarch64-linux"));
+    for p in [overlay, &packages["x86_64-linux"]["narpost"]] {
+        assert_eq!(p["pname"].as_str(), package["name"].as_str());
+        assert_eq!(p["version"].as_str(), package["version"].as_str());
+        assert_eq!(p["lockFile"], json!(Path::new(REPO).join("Cargo.lock")));
+        assert_eq!(p["cargoTestFlags"], json!(["--lib"]));
+        assert_eq!(p["meta"]["mainProgram"], json!("narpost"));
+        assert_eq!(p["meta"]["license"].as_str(), package["license"].as_str());
+        assert_eq!(
+            p["meta"]["platforms"],
+            json!(["aarch64-linux", "x86_64-linux"])
+        );
+    }
+    assert_eq!(
+        e.json["moduleImports"],
+        json!([Path::new(REPO).join("nix/module.nix")])
+    );
+    assert_eq!(e.json["moduleOverlays"], json!(1));
+}
+
+/// The store path the evaluation copied `path` (a /nix/store/... name) to.
+fn in_store(e: &Evaluated, path: &str) -> PathBuf {
+    e.store.path().join(path.trim_start_matches('/'))
+}
+
+#[test]
+fn package_source_holds_what_cargo_and_the_install_need() {
+    let e = instantiate("flake-outputs.nix", &[]).unwrap_or_else(|err| panic!("{err}"));
+    let src = in_store(&e, e.json["overlay"]["src"].as_str().unwrap());
+    let mut top: Vec<_> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    top.sort();
+    let mut expected = vec!["Cargo.lock", "Cargo.toml", "benches", "src", "systemd"];
+    if Path::new(REPO).join("build.rs").exists() {
+        expected.push("build.rs");
+    }
+    expected.sort();
+    assert_eq!(top, expected);
+    // Every target Cargo.toml declares or cargo finds is in the source.
+    let scratch = tempfile::tempdir().unwrap();
+    let out = common::run(
+        Command::new(env!("CARGO"))
+            .args([
+                "metadata",
+                "--offline",
+                "--no-deps",
+                "--format-version",
+                "1",
+            ])
+            .arg("--manifest-path")
+            .arg(src.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", scratch.path()),
+    );
+    let metadata: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets: Vec<_> = metadata["packages"][0]["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in ["narpost", "narpost-hook"] {
+        assert!(targets.contains(&name.to_string()), "{targets:?}");
+    }
+}
+
+/// What nixpkgs' setup hooks do for the three commands postInstall uses, so the script
+/// itself runs here: substituteInPlace --replace-fail (fails when the text is not there),
+/// installShellCompletion --cmd and installManPage (by the page's section suffix).
+const SETUP_HOOK_STAND_INS: &str = r#"
+substituteInPlace() {
+  local file=$1; shift
+  while (($#)); do
+    [[ $1 == --replace-fail ]] || { echo "substituteInPlace: unknown $1" >&2; return 1; }
+    grep -qF -- "$2" "$file" || { echo "substituteInPlace: '$2' not in $file" >&2; return 1; }
+    local text; text=$(<"$file"); printf '%s\n' "${text//"$2"/"$3"}" >"$file"
+    shift 3
+  done
+}
+installShellCompletion() {
+  local cmd=
+  while (($#)); do
+    case $1 in
+      --cmd) cmd=$2 ;;
+      --bash) mkdir -p "$out/share/bash-completion/completions"; cat "$2" >"$out/share/bash-completion/completions/$cmd.bash" ;;
+      --zsh) mkdir -p "$out/share/zsh/site-functions"; cat "$2" >"$out/share/zsh/site-functions/_$cmd" ;;
+      --fish) mkdir -p "$out/share/fish/vendor_completions.d"; cat "$2" >"$out/share/fish/vendor_completions.d/$cmd.fish" ;;
+      *) echo "installShellCompletion: unknown $1" >&2; return 1 ;;
+    esac
+    shift 2
+  done
+}
+installManPage() {
+  local page
+  for page; do install -Dm644 "$page" "$out/share/man/man${page##*.}/${page##*/}"; done
+}
+"#;
+
+#[test]
+fn package_post_install_installs_unit_completions_and_man_pages() {
+    let e = instantiate("flake-outputs.nix", &[]).unwrap_or_else(|err| panic!("{err}"));
+    let package = &e.json["packages"]["x86_64-linux"]["narpost"];
+    let src = in_store(&e, package["src"].as_str().unwrap());
+    // The build's source directory, and $out with the binaries cargo installed.
+    let build = tempfile::tempdir().unwrap();
+    common::run(
+        Command::new("cp")
+            .arg("-r")
+            .arg(src.join("."))
+            .arg(build.path()),
+    );
+    common::run(Command::new("chmod").args(["-R", "u+w"]).arg(build.path()));
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("bin")).unwrap();
+    std::fs::copy(common::narpost_bin(), out.path().join("bin/narpost")).unwrap();
+    let script = format!(
+        "{SETUP_HOOK_STAND_INS}\n{}",
+        package["postInstall"].as_str().unwrap()
+    );
+    common::run(
+        Command::new("bash")
+            .args(["--norc", "--noprofile", "-euo", "pipefail", "-c", &script])
+            .current_dir(build.path())
+            .env("out", out.path()),
+    );
+
+    let out = out.path();
+    let unit = std::fs::read_to_string(out.join("lib/systemd/system/narpost.service")).unwrap();
+    assert!(
+        unit.contains(&format!(
+            "\nExecStart={}/bin/narpost daemon\n",
+            out.display()
+        )),
+        "{unit}"
+    );
+    for file in [
+        "share/bash-completion/completions/narpost.bash",
+        "share/zsh/site-functions/_narpost",
+        "share/fish/vendor_completions.d/narpost.fish",
+        "share/man/man1/narpost.1",
+        "share/man/man1/narpost-daemon.1",
+    ] {
+        let len = std::fs::metadata(out.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .len();
+        assert!(len > 100, "{file} is {len} bytes");
+    }
+}
