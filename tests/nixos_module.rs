@@ -310,7 +310,8 @@ fn file_cache_and_gc_roots_outside_the_defaults_are_writable() {
         e.json["systemd"]["tmpfiles"]["rules"],
         json!([
             "d /srv/nix-cache 0755 root root -",
-            "d /srv/nix-cache/nar 0755 root root -"
+            "d /srv/nix-cache/nar 0755 root root -",
+            "d /var/lib/ci-roots 0755 root root -"
         ])
     );
 }
@@ -628,5 +629,52 @@ fn package_post_install_installs_unit_completions_and_man_pages() {
             .unwrap_or_else(|e| panic!("{file}: {e}"))
             .len();
         assert!(len > 100, "{file} is {len} bytes");
+    }
+}
+
+#[test]
+fn readme_nixos_example_evaluates_to_a_builder_and_its_consumers() {
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
+    let section = &readme[readme
+        .find("\n## NixOS\n")
+        .expect("README has no NixOS section")..];
+    let start = section.find("```nix\n").expect("no nix example") + "```nix\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flake.nix");
+    std::fs::write(&file, example).unwrap();
+    let e = instantiate("readme-example.nix", &[("example", file.to_str().unwrap())])
+        .unwrap_or_else(|err| panic!("README's example does not evaluate:\n{err}"));
+
+    let machines = e.json.as_object().unwrap();
+    assert_eq!(
+        machines.keys().collect::<Vec<_>>(),
+        ["builder", "node-2", "node-3"]
+    );
+    let builder = &machines["builder"];
+    let config: toml::Table = builder["configFile"].as_str().unwrap().parse().unwrap();
+    assert!(
+        config["cache"].as_str().unwrap().starts_with("s3://"),
+        "{config:?}"
+    );
+    assert!(config.contains_key("secret-key-file"), "{config:?}");
+    assert!(builder["serviceConfig"]["EnvironmentFile"].is_string());
+    assert!(
+        builder["hook"]
+            .as_str()
+            .unwrap()
+            .ends_with("-aarch64-linux/bin/narpost-hook"),
+        "{builder}"
+    );
+    for (name, machine) in machines {
+        assert_eq!(machine["substituters"], builder["substituters"], "{name}");
+        assert_eq!(
+            machine["trusted-public-keys"], builder["trusted-public-keys"],
+            "{name}"
+        );
+        if name != "builder" {
+            assert_eq!(machine["services"], json!([]), "{name}");
+            assert_eq!(machine["hook"], Value::Null, "{name}");
+        }
     }
 }
