@@ -1,5 +1,7 @@
-//! nix/module.nix evaluated by nixpkgs' real module system (`lib.evalModules`), with the NixOS
-//! options it sets declared loosely by tests/nixos/eval.nix; and every .nix file parsed.
+//! nix/module.nix, flake.nix, nix/package.nix and README's NixOS example, evaluated by nixpkgs'
+//! real lib and module system (`lib.evalModules`) over the stand-ins of tests/nixos/stubs.nix
+//! (the NixOS options the module sets, declared loosely, and a few of pkgs); and every .nix
+//! file parsed.
 //!
 //! nixpkgs' lib comes from `NIXPKGS_LIB` (its `lib` directory) or `<nixpkgs/lib>` on
 //! NIX_PATH; with neither, these tests fail. What they cannot show: a NixOS evaluation with the
@@ -61,9 +63,10 @@ fn instantiate(file: &str, args: &[(&str, &str)]) -> Result<Evaluated, String> {
     for (name, value) in args {
         cmd.args(["--argstr", name, value]);
     }
-    if let Some(lib) = nixpkgs_lib() {
-        cmd.arg("--arg").arg("libPath").arg(lib);
-    }
+    match nixpkgs_lib() {
+        Some(lib) => cmd.arg("--arg").arg("libPath").arg(lib),
+        None => cmd.args(["--arg", "libPath", "null"]),
+    };
     let out = cmd.output().expect("cannot run nix-instantiate");
     if !out.status.success() {
         return Err(common::stderr(&out));
