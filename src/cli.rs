@@ -132,6 +132,11 @@ pub enum Command {
         command: Vec<String>,
     },
 
+    /// Wire this machine (not NixOS): install narpost and narpost-hook in /usr/local/bin,
+    /// write /etc/narpost/narpost.toml, add the post-build-hook to /etc/nix/nix.conf, install
+    /// and start the systemd unit; then print the lines the machines that fetch need.
+    Setup(crate::setup::SetupArgs),
+
     /// Show the cache, the key, the queue and the daemon's state.
     Status {
         /// Print JSON instead of text.

@@ -76,7 +76,7 @@ pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
     })
 }
 
-fn valid_key_name(name: &str) -> bool {
+pub fn valid_key_name(name: &str) -> bool {
     !name.is_empty()
         && !name.contains(':')
         && name
@@ -164,9 +164,14 @@ pub fn default_key(state_dir: &Path) -> Result<(SigningKey, Option<PublicKey>), 
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name, as it goes into a key name (`<hostname>-1`).
+pub fn hostname() -> String {
     let uname = rustix::system::uname();
-    let name = uname.nodename().to_string_lossy().to_string();
+    host_key_part(&uname.nodename().to_string_lossy())
+}
+
+/// A host name with what a key name cannot hold left out (`narpost` if nothing is left).
+pub fn host_key_part(name: &str) -> String {
     let clean: String = name
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))

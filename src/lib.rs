@@ -16,6 +16,7 @@
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
 //! - [`status`]: what `narpost status` reports.
+//! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
 //! - [`cli`]: the command line; [`cli_docs`]: its completions and man pages; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
 
@@ -33,6 +34,7 @@ pub mod keys;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
+pub mod setup;
 pub mod status;
 pub mod store;
 pub mod target;

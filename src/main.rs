@@ -133,6 +133,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.shutdown_background();
             Ok(ExitCode::from(result?))
         }
+        Command::Setup(args) => {
+            narpost::setup::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let cfg = load(Overrides::default())?;
             narpost::status::print(&cfg, json)?;
