@@ -157,14 +157,9 @@ in
       post-build-hook = "${cfg.package}/bin/narpost-hook";
     };
 
-    # ReadWritePaths needs its directories to exist. narpost makes the cache's directories
-    # itself, under the daemon's UMask=0077, which would keep a web server serving the cache
-    # out of nar/.
+    # ReadWritePaths needs its directories to exist before the daemon starts.
     systemd.tmpfiles.rules =
-      lib.optionals (fileCacheDir != null) [
-        "d ${fileCacheDir} 0755 root root -"
-        "d ${fileCacheDir}/nar 0755 root root -"
-      ]
+      lib.optional (fileCacheDir != null) "d ${fileCacheDir} 0755 root root -"
       ++ lib.optional (!lib.hasPrefix "/nix/var/nix/gcroots/" gcRootsDir) "d ${gcRootsDir} 0755 root root -";
 
     systemd.services.narpost = {

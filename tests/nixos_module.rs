@@ -313,7 +313,6 @@ fn file_cache_and_gc_roots_outside_the_defaults_are_writable() {
         e.json["systemd"]["tmpfiles"]["rules"],
         json!([
             "d /srv/nix-cache 0755 root root -",
-            "d /srv/nix-cache/nar 0755 root root -",
             "d /var/lib/ci-roots 0755 root root -"
         ])
     );

@@ -69,7 +69,10 @@ const TMP_DIR: &str = ".narpost-tmp";
 const STALE_TMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Files are readable by everyone, like the ones Nix writes, so a web server can serve them.
+/// Set explicitly, not through a creation mode: the daemon's unit runs with UMask=0077.
 const FILE_MODE: u32 = 0o644;
+/// The same for the directories narpost creates (not the private temporary one).
+const DIR_MODE: u32 = 0o755;
 
 pub struct FileTarget {
     /// The cache root, as the user named it.
@@ -164,15 +167,18 @@ impl Target for FileTarget {
 impl Inner {
     fn open(&self) -> Result<(), TargetError> {
         let created_root = !self.dir.exists();
-        for sub in [&self.dir, &self.tmp, &self.nar_dir.dir] {
-            fs::create_dir_all(sub).map_err(|e| self.io_err(e, "cannot create directory", sub))?;
+        // Nix creates log/ and realisations/ on open too; doing the same keeps the tree
+        // identical.
+        let (log, realisations) = (self.dir.join("log"), self.dir.join("realisations"));
+        for sub in [&self.dir, &self.nar_dir.dir, &log, &realisations] {
+            if !sub.exists() {
+                fs::create_dir_all(sub)
+                    .and_then(|()| fs::set_permissions(sub, fs::Permissions::from_mode(DIR_MODE)))
+                    .map_err(|e| self.io_err(e, "cannot create directory", sub))?;
+            }
         }
-        // Nix creates these on open too; doing the same keeps the tree identical.
-        for sub in ["log", "realisations"] {
-            let path = self.dir.join(sub);
-            fs::create_dir_all(&path)
-                .map_err(|e| self.io_err(e, "cannot create directory", &path))?;
-        }
+        fs::create_dir_all(&self.tmp)
+            .map_err(|e| self.io_err(e, "cannot create directory", &self.tmp))?;
         if created_root && let Some(parent) = self.dir.parent() {
             // Best effort: the directories only need to survive once something is in them,
             // and each narinfo commit syncs the root again.
@@ -318,6 +324,7 @@ impl Inner {
                 .create_new(true)
                 .mode(FILE_MODE)
                 .open(&tmp)?;
+            file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
             fill(&mut file)?;
             file.sync_data()?;
             drop(file);
