@@ -290,6 +290,16 @@ fn a_hook_in_an_included_file_is_refused_too() {
     ));
     assert!(printed.contains("add post-build-hook"), "{printed}");
     assert_eq!(nix_show_config(&r.join("etc/nix"))["post-build-hook"], HOOK);
+    // Undo keeps a hook binary that an included file still names (Nix would fail builds).
+    fs::write(
+        r.join("etc/nix/extra.conf"),
+        format!("post-build-hook = {HOOK}\n"),
+    )
+    .unwrap();
+    let undone = ok(setup(r, &["--undo"]));
+    assert!(undone.contains("extra.conf names it too"), "{undone}");
+    assert!(r.join("usr/local/bin/narpost-hook").exists());
+    assert!(!r.join("usr/local/bin/narpost").exists());
 }
 
 #[test]
@@ -360,6 +370,16 @@ fn bad_targets_and_inputs_get_one_line_naming_the_file() {
         stderr(&out)
     );
     assert!(!r.join("usr").exists());
+
+    // NixOS generates its nix.conf.
+    let root = new_root(None);
+    let r = root.path();
+    fs::create_dir_all(r.join("etc")).unwrap();
+    fs::write(r.join("etc/NIXOS"), "").unwrap();
+    let out = setup(r, &["--cache", "https://c.example"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("this is NixOS"), "{}", stderr(&out));
+    assert_eq!(fs::read_dir(r.join("etc")).unwrap().count(), 1);
 
     // A key others can read.
     let root = new_root(None);
@@ -590,4 +610,87 @@ fn the_machine_it_sets_up_queues_uploads_and_serves_what_it_builds() {
     // Another machine with the two printed lines (the file:// cache seen from here).
     let url = format!("file://{}", r.join("srv/cache").display());
     common::assert_substitutes(&env, &url, trusted, &built);
+}
+
+/// The section of README.md that shows `narpost setup`: its fenced blocks, in order.
+fn readme_setup_blocks() -> Vec<String> {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read README.md");
+    let start = readme
+        .find("### Setting up a machine")
+        .expect("README has a Setting up a machine section");
+    let section = &readme[start..];
+    let section = &section[..section[4..].find("\n#").map_or(section.len(), |i| i + 4)];
+    section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.trim_start_matches("sh").trim().to_string())
+        .collect()
+}
+
+#[test]
+fn the_readme_commands_do_what_it_says() {
+    let blocks = readme_setup_blocks();
+    let commands: Vec<Vec<String>> = blocks
+        .iter()
+        .flat_map(|b| b.lines())
+        .filter_map(|l| l.strip_prefix("narpost setup"))
+        .map(|rest| rest.split_whitespace().map(String::from).collect())
+        .collect();
+    assert_eq!(commands.len(), 3, "dry run, setup, undo: {commands:?}");
+    let shown_output = blocks
+        .iter()
+        .find(|b| b.starts_with("extra-substituters"))
+        .expect("README shows the printed lines");
+
+    let root = new_root(Some(INSTALLER_CONF));
+    let r = root.path();
+    fs::create_dir_all(r.join("etc/narpost")).unwrap();
+    fs::write(r.join("etc/narpost/token"), "secret\n").unwrap();
+    fs::set_permissions(
+        r.join("etc/narpost/token"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let args = |i: usize| commands[i].iter().map(String::as_str).collect::<Vec<_>>();
+
+    let before = snapshot(r);
+    let dry = ok(setup(r, &args(0)));
+    assert!(dry.contains("would make these changes"), "{dry}");
+    assert_eq!(snapshot(r), before);
+
+    let printed = ok(setup(r, &args(1)));
+    for line in shown_output.lines() {
+        // The key itself differs per run: any valid public key of the name shown.
+        let found = match line.split_once("<base64 public key>") {
+            Some((prefix, _)) => printed.lines().any(|l| {
+                l.starts_with(prefix)
+                    && l.split_once(" = ").is_some_and(|(_, key)| {
+                        narpost::format::signing::PublicKey::parse(key).is_ok()
+                    })
+            }),
+            None => printed.lines().any(|l| l == line),
+        };
+        assert!(found, "README shows {line:?}; setup printed:\n{printed}");
+    }
+    let config: toml::Table = fs::read_to_string(r.join("etc/narpost/narpost.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(config["token-file"].as_str(), Some("/etc/narpost/token"));
+    assert_eq!(config["cache"].as_str(), Some("https://cache.example.org"));
+    assert!(
+        fs::read_to_string(r.join("etc/nix/nix.conf"))
+            .unwrap()
+            .ends_with(&format!("post-build-hook = {HOOK}"))
+    );
+
+    ok(setup(r, &args(2)));
+    assert_eq!(
+        fs::read_to_string(r.join("etc/nix/nix.conf")).unwrap(),
+        INSTALLER_CONF
+    );
+    assert!(!r.join("usr/local/bin/narpost").exists());
+    assert!(r.join("etc/narpost/cache.example.org-1.sec").exists());
 }

@@ -91,7 +91,7 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
     }
     if under(&root, Path::new("/etc/NIXOS")).exists() {
         bail!(
-            "{}: this is NixOS, whose nix.conf is generated: set nix.settings.post-build-hook in its configuration instead",
+            "{}: this is NixOS, whose nix.conf is generated: use the flake's NixOS module (services.narpost) instead",
             under(&root, Path::new("/etc/NIXOS")).display()
         );
     }
@@ -103,6 +103,13 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
             println!(
                 "nothing to undo: narpost is not set up in {}",
                 root.display()
+            );
+        }
+        for (file, hook) in obs.included_hooks.iter().filter(|(_, h)| h == plan::HOOK) {
+            println!(
+                "kept {}: {} names it too (take that line out, then run --undo again)",
+                obs.host(hook).display(),
+                file.display()
             );
         }
         println!(
