@@ -392,9 +392,10 @@ fn named_key(
     existing: &dyn Fn(PathBuf) -> anyhow::Result<KeyPlan>,
 ) -> anyhow::Result<KeyPlan> {
     if !crate::keys::valid_key_name(name) {
-        bail!(
-            "--key-name {name:?}: use letters, digits, '.', '-' and '_' (e.g. cache.example.org-1)"
-        );
+        return Err(crate::keys::KeyError::BadName {
+            name: name.to_string(),
+        }
+        .into());
     }
     let file = Path::new(plan::CONFIG_DIR).join(format!("{name}.sec"));
     if std::fs::symlink_metadata(under(root, &file)).is_ok() {

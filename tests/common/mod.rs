@@ -87,6 +87,17 @@ pub fn narpost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_narpost"))
 }
 
+/// The narpost binary with no `NARPOST_*` settings from the test's environment.
+pub fn narpost_command() -> Command {
+    let mut cmd = Command::new(narpost_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("NARPOST_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// A scratch directory with a narpost state directory in it.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -111,12 +122,7 @@ impl Env {
 
     /// `narpost --state-dir <state>` with a clean environment and the tests' Nix settings.
     pub fn narpost(&self) -> Command {
-        let mut cmd = Command::new(narpost_bin());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("NARPOST_") {
-                cmd.env_remove(key);
-            }
-        }
+        let mut cmd = narpost_command();
         cmd.env("NIX_CONFIG", NIX_CONFIG);
         cmd.env("NARPOST_GC_ROOTS_DIR", self.path().join("gcroots"));
         cmd.arg("--state-dir").arg(self.state());
