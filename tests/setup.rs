@@ -185,6 +185,15 @@ fn a_fresh_root_is_set_up_a_second_run_changes_nothing_and_undo_takes_it_out() {
     assert!(dry.starts_with("nothing to change"), "{dry}");
     assert_eq!(snapshot(r), before);
 
+    let dry = ok(setup(r, &["--undo", "--dry-run"]));
+    assert!(
+        dry.contains(&format!(
+            "  remove {}",
+            r.join("usr/local/bin/narpost-hook").display()
+        )),
+        "{dry}"
+    );
+    assert_eq!(snapshot(r), before, "--undo --dry-run wrote something");
     let undone = ok(setup(r, &["--undo"]));
     assert!(undone.contains("kept: "), "{undone}");
     assert_eq!(
