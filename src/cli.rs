@@ -35,8 +35,8 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     /// Cache URL: file:///dir, http(s)://host/path, s3://bucket[/prefix]?region=..&endpoint=..,
-    /// or attic+http(s)://host[:port]/CACHE. Default: the config file, NARPOST_CACHE, or
-    /// file://<state-dir>/cache.
+    /// attic+http(s)://host[:port]/CACHE, or ssh://[user@]host[:port]. Default: the config
+    /// file, NARPOST_CACHE, or file://<state-dir>/cache.
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
 

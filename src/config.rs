@@ -6,7 +6,7 @@
 //! The config file is TOML with these keys (all optional):
 //!
 //! ```toml
-//! cache = "https://cache.example.org"   # file:///dir, http(s)://, s3://bucket?..., attic+http(s)://host/cache
+//! cache = "https://cache.example.org"   # file:///dir, http(s)://, s3://bucket?..., attic+http(s)://host/cache, ssh://host
 //! secret-key-file = "/etc/narpost/cache.example.org-1.sec"
 //! jobs = 4
 //! compression-level = 3

@@ -6,7 +6,7 @@
 //!   signing keys, `.drv` outputs); no filesystem, network or async.
 //! - [`dump`]: serializes a store path on disk into a NAR through [`format::nar`].
 //! - [`store`]: path metadata and closures from the local Nix store's database.
-//! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3 and Attic implementations.
+//! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3, Attic and ssh implementations.
 //! - [`compress`]: zstd in frames whose worker count follows the other compressions running.
 //! - [`pipeline`]: the one upload pipeline: plan (closure, missing, order), then execute.
 //! - [`config`]: file < environment < flags, resolved into one [`config::Config`]; embedded defaults.

@@ -6,5 +6,6 @@ pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
+pub mod serve;
 pub mod signing;
 pub mod store_path;

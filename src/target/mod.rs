@@ -7,15 +7,17 @@
 //! What differs between caches is what a target *receives*, and each target declares it
 //! through [`Target::nar_format`]: plain binary caches (`file://`, HTTP, S3) want a zstd
 //! file that the pipeline spools to disk and hashes before anything leaves the machine;
-//! Attic wants the raw NAR streamed, and compresses and signs on its side. The narinfo is
-//! always the commit point: [`Target::put_narinfo`] is called only after the NAR is stored
-//! and after every reference's narinfo exists. For Attic the commit is the `upload-path`
-//! request itself, so its `put_nar` stores nothing.
+//! Attic wants the raw NAR streamed, and compresses and signs on its side; so does a host's
+//! store over ssh. The narinfo is always the commit point: [`Target::put_narinfo`] is called
+//! only after the NAR is stored and after every reference's narinfo exists. For Attic and
+//! ssh the commit is one request carrying the signed metadata and the NAR (`upload-path`,
+//! AddToStoreNar), so their `put_nar` stores nothing and `put_narinfo` streams the NAR.
 
 pub mod attic;
 pub mod file;
 pub mod http;
 pub mod s3;
+pub mod ssh;
 pub mod stall;
 
 use std::collections::HashSet;
@@ -79,7 +81,7 @@ impl SpooledNar {
 }
 
 /// Why a target operation failed, and whether trying again can help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct TargetError {
     pub kind: ErrorKind,
@@ -162,7 +164,7 @@ pub type DynTarget = Arc<dyn Target>;
 
 /// Builds the target a cache URL names:
 /// `file:///dir` (or a bare absolute path), `http(s)://...`, `s3://bucket[/prefix]?...`,
-/// `attic+http(s)://host[:port]/<cache>`.
+/// `attic+http(s)://host[:port]/<cache>`, `ssh://[user@]host[:port]?...`.
 pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError> {
     let url = cfg.cache.as_str();
     let level = cfg.compression_level;
@@ -199,10 +201,19 @@ pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError
             cfg.http_timeout,
         )?));
     }
+    if url.starts_with("ssh://") {
+        let sshopts = std::env::var("NIX_SSHOPTS").ok();
+        return Ok(Arc::new(ssh::SshTarget::new(
+            url,
+            sshopts.as_deref(),
+            cfg.http_timeout,
+            cfg.jobs,
+        )?));
+    }
     Err(TargetError::permanent(format!(
         "{url}: unsupported cache URL"
     ))
     .with_hint(
-        "use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., or attic+http(s)://host/cache",
+        "use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., attic+http(s)://host/cache, or ssh://[user@]host",
     ))
 }

@@ -1,0 +1,442 @@
+//! The `ssh://` target end to end: a real sshd on 127.0.0.1 whose authorized key's forced
+//! command is `nix-store --serve --write` (as NixOS's `nix.sshServe` sets it up), the real
+//! Nix on the far side, and a fresh Nix store that copies the pushed paths from there with
+//! signatures required.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use narpost::format::store_path::StorePath;
+
+/// A real OpenSSH server for one test, on its own port with its own host key.
+struct Sshd {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    /// The key the server lets in.
+    client_key: PathBuf,
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+fn keygen(file: &Path) {
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "narpost-test", "-f"])
+        .arg(file));
+}
+
+impl Sshd {
+    /// `command` is the forced command of the one authorized key.
+    fn start(scratch: &Path, name: &str, command: &str) -> Sshd {
+        assert!(
+            Path::new(SSHD).is_file(),
+            "{SSHD} is not installed: the ssh tests need the real sshd; run scripts/install-deps (as root)"
+        );
+        require("ssh");
+        let dir = scratch.join(name);
+        fs::create_dir_all(&dir).expect("create the sshd directory");
+        keygen(&dir.join("host_key"));
+        let client_key = dir.join("client_key");
+        keygen(&client_key);
+        let public = fs::read_to_string(dir.join("client_key.pub")).expect("client key");
+        fs::write(
+            dir.join("authorized_keys"),
+            format!("command=\"{command}\",restrict {public}"),
+        )
+        .expect("write authorized_keys");
+        let port = free_port();
+        fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {dir}/host_key\n\
+                 AuthorizedKeysFile {dir}/authorized_keys\nPidFile none\nStrictModes no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\nUsePAM no\nLogLevel ERROR\nMaxStartups 100\n",
+                dir = dir.display()
+            ),
+        )
+        .expect("write sshd_config");
+        // sshd refuses to start without its privilege separation directory.
+        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let mut sshd = Sshd {
+            dir,
+            port,
+            child: None,
+            client_key,
+        };
+        sshd.resume();
+        sshd
+    }
+
+    fn resume(&mut self) {
+        let log = fs::File::create(self.dir.join("sshd.log")).expect("sshd log");
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(self.dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The host's public key line as `base64-ssh-public-host-key` wants it.
+    fn host_key_b64(&self) -> String {
+        let line = fs::read_to_string(self.dir.join("host_key.pub")).expect("host key");
+        let line: Vec<&str> = line.split_whitespace().take(2).collect();
+        base64::engine::general_purpose::STANDARD.encode(line.join(" "))
+    }
+
+    fn url(&self) -> String {
+        self.url_with(&self.client_key, &self.host_key_b64())
+    }
+
+    fn url_with(&self, key: &Path, host_key_b64: &str) -> String {
+        format!(
+            "ssh://root@127.0.0.1:{}?ssh-key={}&base64-ssh-public-host-key={}",
+            self.port,
+            key.display(),
+            host_key_b64
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A nix-daemon of the test's own, over a chroot store, that trusts no user (so the ssh
+/// login, root here, counts as untrusted) and requires signatures by `trusted_key`.
+struct NixDaemon {
+    root: PathBuf,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl NixDaemon {
+    fn start(scratch: &Path, trusted_key: &str) -> NixDaemon {
+        require("nix-daemon");
+        let root = scratch.join("daemon-store");
+        let socket = scratch.join("daemon.socket");
+        let log = fs::File::create(scratch.join("nix-daemon.log")).expect("daemon log");
+        let child = Command::new("nix-daemon")
+            .env(
+                "NIX_CONFIG",
+                format!(
+                    "store = {}\nrequire-sigs = true\ntrusted-users = nobody\n\
+                     trusted-public-keys = {trusted_key}\nbuild-users-group =\nsubstituters =\n",
+                    root.display()
+                ),
+            )
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start nix-daemon");
+        wait_until("the nix-daemon socket", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        NixDaemon {
+            root,
+            socket,
+            child,
+        }
+    }
+
+    fn store_url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for NixDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_command(store: &str) -> String {
+    format!("nix-store --serve --write --store {store}")
+}
+
+/// The paths valid in `store`, among the closure of `root`.
+fn valid_in(store: &str, root: &StorePath) -> Vec<StorePath> {
+    let mut cmd = nix("nix-store");
+    cmd.args(["--store", store, "--check-validity", "--print-invalid"]);
+    let closure = nix_closure(std::slice::from_ref(root));
+    for p in &closure {
+        cmd.arg(p.to_absolute());
+    }
+    let out = run(&mut cmd);
+    let invalid: Vec<StorePath> = parse_paths(&stdout(&out));
+    closure
+        .into_iter()
+        .filter(|p| !invalid.contains(p))
+        .collect()
+}
+
+/// `nix store verify`: contents match and every path carries a signature by `key`.
+fn assert_verified(store: &str, key: &str, paths: &[StorePath]) {
+    let mut cmd = nix("nix");
+    cmd.args([
+        "store",
+        "verify",
+        "--store",
+        store,
+        "-r",
+        "--sigs-needed",
+        "1",
+    ])
+    .args(["--option", "trusted-public-keys", key]);
+    for p in paths {
+        cmd.arg(p.to_absolute());
+    }
+    run(&mut cmd);
+}
+
+fn failed_push(env: &Env, url: &str, key: &Path, path: &StorePath) -> String {
+    let mut cmd = push_cmd(env, url, key, path);
+    let out = cmd.output().expect("run narpost");
+    assert!(!out.status.success(), "expected failure: {cmd:?}");
+    stderr(&out)
+}
+
+/// The line of `text` that says `needle`, which must be the only one that does (the
+/// progress line and the closing summary may both show it).
+fn one_line_with<'a>(text: &'a str, needle: &str) -> &'a str {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(needle) && !l.contains("retrying in"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(lines.len(), 1, "one line with {needle:?} expected:\n{text}");
+    lines[0]
+}
+
+#[test]
+fn push_makes_the_closure_valid_and_signed_in_the_hosts_store() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("ssh-test-1");
+    let remote = env.path().join("remote");
+    let sshd = Sshd::start(
+        env.path(),
+        "sshd",
+        &serve_command(&remote.display().to_string()),
+    );
+    let remote = remote.display().to_string();
+
+    let mut first = push_cmd(&env, &sshd.url(), &key, &top);
+    let text = pushed(first.args(["--jobs", "4"]));
+    let closure = nix_closure(std::slice::from_ref(&top));
+    assert_eq!(valid_in(&remote, &top).len(), closure.len(), "{text}");
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
+    // A fresh store copies the closure from the host's store, signatures required.
+    assert_substitutes(&env, &remote, &public, &outs);
+
+    let text = pushed(&mut push_cmd(&env, &sshd.url(), &key, &top));
+    assert!(
+        text.contains(&format!("all {} paths were already cached", closure.len())),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_untrusted_login_through_a_daemon_needs_narposts_signature() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("ssh-trusted-1");
+    let daemon = NixDaemon::start(env.path(), &public);
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&daemon.store_url()));
+
+    pushed(&mut push_cmd(&env, &sshd.url(), &key, &top));
+    let root = daemon.root.display().to_string();
+    assert_eq!(
+        valid_in(&root, &top).len(),
+        nix_closure(std::slice::from_ref(&top)).len()
+    );
+    assert_substitutes(&env, &root, &public, &outs);
+
+    // Paths signed by a key the host does not trust are refused, in one line with a hint.
+    let expr = format!(
+        "{}mk \"narpost-ssh-untrusted\" \"echo x > $out\"\n",
+        nix_prelude(&nonce())
+    );
+    let other_path = nix_build(&env.write_nix("other.nix", &expr), &[], &[]).remove(0);
+    let (other_key, _) = env.keygen("ssh-untrusted-1");
+    let err = failed_push(&env, &sshd.url(), &other_key, &other_path);
+    let line = one_line_with(&err, "lacks a valid signature");
+    assert!(line.contains("127.0.0.1"), "{line}");
+    assert!(
+        err.contains("hint: add narpost's public key to trusted-public-keys"),
+        "{err}"
+    );
+    assert!(valid_in(&root, &other_path).is_empty());
+}
+
+#[test]
+fn host_down_wrong_host_key_and_refused_key_are_one_line_each() {
+    let env = Env::new();
+    let expr = format!(
+        "{}mk \"narpost-ssh-fail\" \"echo x > $out\"\n",
+        nix_prelude(&nonce())
+    );
+    let path = nix_build(&env.write_nix("fail.nix", &expr), &[], &[]).remove(0);
+    let (key, _) = env.keygen("ssh-fail-1");
+    let remote = env.path().join("remote").display().to_string();
+    let mut sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+
+    // Another key pair: its public half as the "host key", its private half as the login.
+    let stranger = env.path().join("stranger");
+    keygen(&stranger);
+    let stranger_pub = fs::read_to_string(stranger.with_extension("pub")).expect("pub");
+    let stranger_pub: Vec<&str> = stranger_pub.split_whitespace().take(2).collect();
+    let wrong_host_key = base64::engine::general_purpose::STANDARD.encode(stranger_pub.join(" "));
+
+    let err = failed_push(
+        &env,
+        &sshd.url_with(&sshd.client_key, &wrong_host_key),
+        &key,
+        &path,
+    );
+    one_line_with(&err, "the host's key is not the one expected");
+    assert!(err.contains("hint: base64-ssh-public-host-key"), "{err}");
+
+    let err = failed_push(
+        &env,
+        &sshd.url_with(&stranger, &sshd.host_key_b64()),
+        &key,
+        &path,
+    );
+    one_line_with(&err, "ssh login refused");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    sshd.stop();
+    let started = Instant::now();
+    let err = failed_push(&env, &sshd.url(), &key, &path);
+    one_line_with(&err, "cannot reach the host");
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A remote without nix-store.
+    sshd.resume();
+    let mut broken = Sshd::start(
+        env.path(),
+        "sshd-broken",
+        "no-such-nix-store --serve --write",
+    );
+    let err = failed_push(&env, &broken.url(), &key, &path);
+    let line = one_line_with(&err, "not found");
+    assert!(line.contains("no-such-nix-store"), "{line}");
+    assert!(err.contains("remote-program"), "{err}");
+    broken.stop();
+    assert!(valid_in(&remote, &path).is_empty());
+}
+
+#[test]
+fn hook_and_daemon_keep_paths_queued_while_the_host_is_down() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("ssh-daemon-1");
+    let remote = env.path().join("remote").display().to_string();
+    let mut sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    sshd.stop();
+
+    let config = env.path().join("narpost.toml");
+    fs::write(
+        &config,
+        format!(
+            "cache = \"{}\"\nsecret-key-file = \"{}\"\nhttp-timeout = 10\n",
+            sshd.url(),
+            key.display()
+        ),
+    )
+    .expect("write the config");
+    hook_with_config(&env, &config, std::slice::from_ref(&top));
+    let mut daemon = spawn_with_config(&env, &mut env.narpost(), &config, "daemon");
+    daemon.wait_for_output("cannot reach the host", Duration::from_secs(60));
+    assert_eq!(queue_depth(&env, &config), 1);
+    assert!(valid_in(&remote, &top).is_empty());
+
+    sshd.resume();
+    wait_until("the queue drains", Duration::from_secs(120), || {
+        queue_depth(&env, &config) == 0
+    });
+    assert_eq!(
+        valid_in(&remote, &top).len(),
+        nix_closure(std::slice::from_ref(&top)).len()
+    );
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
+    assert_substitutes(&env, &remote, &public, &outs);
+    let (status, output) = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{output}");
+}
+
+#[test]
+fn kill_9_mid_push_leaves_only_complete_paths_and_the_next_push_finishes() {
+    let env = Env::new();
+    let expr = format!(
+        r#"{prelude}rec {{
+  small = mk "narpost-ssh-small" "echo small > $out";
+  big = mk "narpost-ssh-big" "mkdir $out && echo ${{small}} > $out/ref && head -c 150000000 /dev/urandom > $out/blob";
+  top = mk "narpost-ssh-top" "echo ${{big}} > $out";
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let top = nix_build(&env.write_nix("big.nix", &expr), &["top"], &[]).remove(0);
+    let (key, public) = env.keygen("ssh-kill-1");
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+
+    let mut push = push_cmd(&env, &sshd.url(), &key, &top)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the push");
+    // Kill it as soon as the first path is in, while the big one is on its way.
+    wait_until(
+        "the first path on the host",
+        Duration::from_secs(120),
+        || !valid_in(&remote, &top).is_empty(),
+    );
+    push.kill().expect("kill -9");
+    let _ = push.wait();
+
+    let valid = valid_in(&remote, &top);
+    assert!(!valid.is_empty());
+    assert!(
+        valid.len() < 3,
+        "the push finished before it was killed; nothing was interrupted"
+    );
+    // Whatever the host has is complete (contents match their hashes) and signed.
+    assert_verified(&remote, &public, &valid);
+
+    pushed(&mut push_cmd(&env, &sshd.url(), &key, &top));
+    assert_eq!(valid_in(&remote, &top).len(), 3);
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
+}
