@@ -136,16 +136,15 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
             "systemd is not running here, so no service was started: run `narpost daemon` some other way, and restart nix-daemon if it runs (it reads post-build-hook only at start)"
         );
     }
-    let (public, name) = match &req.key {
-        KeyPlan::Existing { public, .. } => {
-            let name = public.split(':').next().unwrap_or("").to_string();
-            (Some(public.clone()), name)
+    let public = match &req.key {
+        KeyPlan::Existing { public, .. } => public.clone(),
+        KeyPlan::Generate { name } => {
+            generated.unwrap_or_else(|| format!("{name}:<generated when setup runs for real>"))
         }
-        KeyPlan::Generate { name } => (generated, name.clone()),
     };
     println!();
     println!("On the machines that fetch from this cache, add to /etc/nix/nix.conf:");
-    for line in plan::consumer_lines(&req.cache, public.as_deref(), &name) {
+    for line in plan::consumer_lines(&req.cache, &public) {
         println!("{line}");
     }
     Ok(())

@@ -440,14 +440,9 @@ pub fn undo_commands_before_removal(
 }
 
 /// The lines a machine that fetches from the cache needs in its nix.conf. `extra-` keeps
-/// that machine's other caches (cache.nixos.org); `public` is `None` while the key is still
-/// to be generated (`--dry-run`).
-pub fn consumer_lines(cache: &str, public: Option<&str>, key_name: &str) -> Vec<String> {
-    let key_line = |k: &str| format!("extra-trusted-public-keys = {k}");
-    let ours = match public {
-        Some(p) => key_line(p),
-        None => key_line(&format!("{key_name}:<generated when setup runs for real>")),
-    };
+/// that machine's other caches (cache.nixos.org); `public` is the key line `NAME:KEY`.
+pub fn consumer_lines(cache: &str, public: &str) -> Vec<String> {
+    let ours = format!("extra-trusted-public-keys = {public}");
     if let Some(inner) = cache.strip_prefix("attic+") {
         let url = inner.trim_end_matches('/');
         let name = url.rsplit('/').next().unwrap_or(url);
@@ -458,21 +453,14 @@ pub fn consumer_lines(cache: &str, public: Option<&str>, key_name: &str) -> Vec<
             ),
         ];
     }
-    let mut lines = Vec::new();
     match file_cache_dir(cache) {
-        Some(dir) => {
-            lines.push(format!("extra-substituters = file://{}", dir.display()));
-            lines.push(ours);
-            lines.push(
-                "# file:// is a directory on this machine: other machines use the URL of whatever serves it (an HTTP server, an NFS mount)".into(),
-            );
-        }
-        None => {
-            lines.push(format!("extra-substituters = {cache}"));
-            lines.push(ours);
-        }
+        Some(dir) => vec![
+            format!("extra-substituters = file://{}", dir.display()),
+            ours,
+            "# file:// is a directory on this machine: other machines use the URL of whatever serves it (an HTTP server, an NFS mount)".into(),
+        ],
+        None => vec![format!("extra-substituters = {cache}"), ours],
     }
-    lines
 }
 
 #[cfg(test)]
@@ -676,9 +664,9 @@ mod tests {
 
     #[test]
     fn consumers_get_the_url_they_fetch_from() {
-        let key = Some("host-1:abc=");
+        let key = "host-1:abc=";
         assert_eq!(
-            consumer_lines("https://cache.example.org/nix", key, "host-1"),
+            consumer_lines("https://cache.example.org/nix", key),
             vec![
                 "extra-substituters = https://cache.example.org/nix",
                 "extra-trusted-public-keys = host-1:abc="
@@ -686,13 +674,13 @@ mod tests {
         );
         let s3 = "s3://bucket/prefix?region=eu-west-1&endpoint=minio.lan:9000&scheme=http";
         assert_eq!(
-            consumer_lines(s3, key, "host-1")[0],
+            consumer_lines(s3, key)[0],
             format!("extra-substituters = {s3}")
         );
-        let file = consumer_lines("/srv/cache", None, "host-1");
+        let file = consumer_lines("/srv/cache", key);
         assert_eq!(file[0], "extra-substituters = file:///srv/cache");
-        assert!(file[1].starts_with("extra-trusted-public-keys = host-1:<"));
-        let attic = consumer_lines("attic+https://attic.example.org/prefix/main/", key, "h");
+        assert_eq!(file[1], "extra-trusted-public-keys = host-1:abc=");
+        let attic = consumer_lines("attic+https://attic.example.org/prefix/main/", key);
         assert_eq!(
             attic[0],
             "extra-substituters = https://attic.example.org/prefix/main"
