@@ -23,7 +23,7 @@
 //! The daemon protocol would also work for non-root users, but it is a versioned binary
 //! protocol whose upkeep is not worth it while the two sources above cover every case.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -443,16 +443,22 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
+/// Checks that `nix` can reach the store. `nix store info` is the command since Nix 2.19;
+/// older Nix only knows it as `nix store ping` (which 2.19 and later still take, with a
+/// deprecation warning), so `ping` is asked only when `info` is not a command.
 fn nix_cli_probe() -> Result<(), String> {
-    let out = Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "store",
-            "ping",
-        ])
-        .output()
-        .map_err(|e| format!("cannot run nix: {e}"))?;
+    let ask = |sub: &str| {
+        Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command", "store", sub])
+            .output()
+            .map_err(|e| format!("cannot run nix: {e}"))
+    };
+    let mut out = ask("info")?;
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("not a recognised command")
+    {
+        out = ask("ping")?;
+    }
     if out.status.success() {
         Ok(())
     } else {
@@ -460,10 +466,14 @@ fn nix_cli_probe() -> Result<(), String> {
     }
 }
 
+/// One path in `nix path-info --json`. Nix before 2.19 prints a list of these with a `path`
+/// field (and `"valid": false` for an invalid path); 2.19 and later print an object keyed
+/// by store path, without `path`, with `null` for an invalid path.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CliPathInfo {
-    path: String,
+    #[serde(default)]
+    path: Option<String>,
     #[serde(default)]
     valid: Option<bool>,
     nar_hash: Option<String>,
@@ -501,29 +511,45 @@ fn nix_path_info(paths: &[StorePath], recursive: bool) -> Result<Vec<PathInfo>, 
         }
         return Err(StoreError::NixCli(msg));
     }
-    let rows: Vec<CliPathInfo> = serde_json::from_slice(&out.stdout)
-        .map_err(|e| StoreError::NixCli(format!("unexpected JSON: {e}")))?;
+    parse_path_info_json(&out.stdout)
+}
+
+/// The paths `nix path-info --json` printed, in either shape (see [`CliPathInfo`]). An
+/// invalid path in the output is an error naming it.
+fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, StoreError> {
+    let unexpected = |e: serde_json::Error| StoreError::NixCli(format!("unexpected JSON: {e}"));
+    let rows: Vec<(String, Option<CliPathInfo>)> =
+        match json.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => serde_json::from_slice::<BTreeMap<String, Option<CliPathInfo>>>(json)
+                .map_err(unexpected)?
+                .into_iter()
+                .collect(),
+            _ => serde_json::from_slice::<Vec<CliPathInfo>>(json)
+                .map_err(unexpected)?
+                .into_iter()
+                .map(|row| (row.path.clone().unwrap_or_default(), Some(row)))
+                .collect(),
+        };
     let bad = |what: &str, p: &str| StoreError::NixCli(format!("{p}: unexpected {what}"));
     let mut infos = Vec::with_capacity(rows.len());
-    for row in rows {
-        if row.valid == Some(false) {
-            return Err(StoreError::NotValid { path: row.path });
-        }
-        let path = StorePath::from_absolute(&row.path).map_err(|_| bad("path", &row.path))?;
+    for (abs, row) in rows {
+        let Some(row) = row.filter(|r| r.valid != Some(false)) else {
+            return Err(StoreError::NotValid { path: abs });
+        };
+        let path = StorePath::from_absolute(&abs).map_err(|_| bad("path", &abs))?;
         let nar_hash = row
             .nar_hash
             .as_deref()
             .and_then(|h| Sha256::parse(h).ok())
-            .ok_or_else(|| bad("narHash", &row.path))?;
+            .ok_or_else(|| bad("narHash", &abs))?;
         let mut references = BTreeSet::new();
         for r in &row.references {
-            references
-                .insert(StorePath::from_absolute(r).map_err(|_| bad("reference", &row.path))?);
+            references.insert(StorePath::from_absolute(r).map_err(|_| bad("reference", &abs))?);
         }
         infos.push(PathInfo {
             path,
             nar_hash,
-            nar_size: row.nar_size.ok_or_else(|| bad("narSize", &row.path))?,
+            nar_size: row.nar_size.ok_or_else(|| bad("narSize", &abs))?,
             references,
             deriver: row.deriver.and_then(|d| StorePath::from_absolute(&d).ok()),
             sigs: row.signatures,
@@ -574,5 +600,98 @@ mod tests {
             .map(|i| i.path.name().to_string())
             .collect();
         assert_eq!(order.len(), 2);
+    }
+
+    /// `nix path-info --json` of the same three paths (one signed, one content-addressed,
+    /// one referring to another) as each Nix printed it; see tests/fixtures/path-info.
+    const NIX_2_8: &[u8] = include_bytes!("../tests/fixtures/path-info/nix-2.8/three.json");
+    const NIX_2_26: &[u8] = include_bytes!("../tests/fixtures/path-info/nix-2.26/three.json");
+    const NIX_2_8_INVALID: &[u8] =
+        include_bytes!("../tests/fixtures/path-info/nix-2.8/with-invalid.json");
+    const NIX_2_26_INVALID: &[u8] =
+        include_bytes!("../tests/fixtures/path-info/nix-2.26/with-invalid.json");
+
+    fn fixture_path(base: &str) -> StorePath {
+        StorePath::from_base(base).expect("a fixture store path")
+    }
+
+    #[test]
+    fn path_info_json_of_nix_2_8_and_2_26_reads_the_same() {
+        let read = |json| {
+            let mut infos = parse_path_info_json(json).expect("parse path-info JSON");
+            // The two stores registered the paths at different times; all else is equal.
+            for info in &mut infos {
+                assert!(info.registration_time > 0, "{info:?}");
+                info.registration_time = 0;
+            }
+            infos.sort_by(|a, b| a.path.cmp(&b.path));
+            infos
+        };
+        let old = read(NIX_2_8);
+        assert_eq!(old, read(NIX_2_26));
+
+        let a = fixture_path("0a9md1shvh6qsmdjzvvhh409rpk8l5ni-narpost-fixture-a");
+        let b = fixture_path("ww5zcv7fpg1w2mn1as2010mmfdr86ad4-narpost-fixture-b");
+        let added = fixture_path("6j7nyy0di7y62y76q6z3y7k0r979q54d-narpost-fixture-added");
+        let by_path: HashMap<_, _> = old.iter().map(|i| (i.path.clone(), i)).collect();
+        assert_eq!(by_path.len(), 3);
+
+        let info_a = by_path[&a];
+        assert_eq!(
+            info_a.nar_hash,
+            Sha256::parse("sha256-knb9U7Sdy/YWj4gjrvFIevLuTiMEt+5kEtunmYK5CoY=").unwrap()
+        );
+        assert_eq!(info_a.nar_size, 120);
+        assert!(info_a.references.is_empty());
+        assert_eq!(
+            info_a.deriver,
+            Some(fixture_path(
+                "0asz0cwqjm6j4i8mivmbg7gs92mgq75x-narpost-fixture-a.drv"
+            ))
+        );
+        assert_eq!(info_a.sigs.len(), 1);
+        assert!(info_a.sigs[0].starts_with("narpost-fixture-1:SwfvSTKs"));
+        assert_eq!(info_a.ca, None);
+
+        let info_b = by_path[&b];
+        assert_eq!(info_b.nar_size, 344);
+        assert_eq!(info_b.references, BTreeSet::from([a.clone()]));
+        assert!(info_b.sigs.is_empty());
+
+        let info_added = by_path[&added];
+        assert_eq!(info_added.deriver, None);
+        assert_eq!(
+            info_added.ca.as_deref(),
+            Some("fixed:r:sha256:0hpcnirn9lxbzw7kc18apxl0c7gflk1kbyfbbfc04yc5kscdnvzc")
+        );
+    }
+
+    #[test]
+    fn an_invalid_path_in_either_shape_is_named() {
+        for json in [NIX_2_8_INVALID, NIX_2_26_INVALID] {
+            match parse_path_info_json(json) {
+                Err(StoreError::NotValid { path }) => assert_eq!(
+                    path,
+                    "/nix/store/00000000000000000000000000000000-narpost-fixture-missing"
+                ),
+                other => panic!("expected NotValid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn path_info_json_of_another_shape_is_a_clear_error() {
+        for json in [&b"42"[..], b"\"no\"", b"{\"/nix/store/x\": 1}", b""] {
+            let err = parse_path_info_json(json).expect_err("not path-info JSON");
+            assert!(
+                err.to_string()
+                    .starts_with("nix path-info: unexpected JSON"),
+                "{err}"
+            );
+        }
+        // A key that is not a store path is named.
+        let err = parse_path_info_json(br#"{"/tmp/x": {"narHash": "sha256-knb9U7Sdy/YWj4gjrvFIevLuTiMEt+5kEtunmYK5CoY=", "narSize": 1}}"#)
+            .expect_err("not a store path");
+        assert_eq!(err.to_string(), "nix path-info: /tmp/x: unexpected path");
     }
 }

@@ -33,11 +33,20 @@ fn nix_path_info(paths: &[StorePath]) -> BTreeMap<StorePath, NixInfo> {
         cmd.arg(p.to_absolute());
     }
     let out = run(&mut cmd);
-    let list: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).expect("nix path-info --json prints a JSON list");
-    list.into_iter()
-        .map(|v| {
-            let path = StorePath::from_absolute(v["path"].as_str().expect("path")).expect("path");
+    // Nix before 2.19 prints a list of objects with a `path` field, later ones an object
+    // keyed by store path.
+    let rows: Vec<(String, serde_json::Value)> =
+        match serde_json::from_slice(&out.stdout).expect("nix path-info --json prints JSON") {
+            serde_json::Value::Array(list) => list
+                .into_iter()
+                .map(|v| (v["path"].as_str().expect("path").to_owned(), v))
+                .collect(),
+            serde_json::Value::Object(by_path) => by_path.into_iter().collect(),
+            other => panic!("nix path-info --json printed neither a list nor an object: {other}"),
+        };
+    rows.into_iter()
+        .map(|(path, v)| {
+            let path = StorePath::from_absolute(&path).expect("path");
             let base = |s: &str| {
                 StorePath::from_absolute(s)
                     .expect("a store path")

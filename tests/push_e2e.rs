@@ -68,6 +68,62 @@ fn file_cache_closure_substitutes_with_signatures_required() {
     assert_eq!(dir.nar_count(), nars_before);
 }
 
+/// Every `.narinfo` in a cache directory, by file name.
+fn narinfo_texts(cache: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    fs::read_dir(cache)
+        .expect("read the cache directory")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+        .map(|e| {
+            let text = fs::read_to_string(e.path()).expect("read a narinfo");
+            (e.file_name().to_string_lossy().into_owned(), text)
+        })
+        .collect()
+}
+
+/// A user who cannot open the store database gets the paths' metadata from `nix path-info`
+/// through nix-daemon (whichever JSON shape this Nix prints): the cache gets the same
+/// narinfos, byte for byte, as from the database.
+#[test]
+fn store_reached_only_through_nix_daemon_gives_the_same_cache() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (key, public) = env.keygen("test-daemon-1");
+    let from_db = env.path().join("cache-db");
+    let from_daemon = env.path().join("cache-daemon");
+    let url = |dir: &std::path::Path| format!("file://{}", dir.display());
+    pushed(&mut push_cmd(&env, &url(&from_db), &key, &top));
+
+    let no_db = env.path().join("nix-state-without-db");
+    let daemon = NixDaemon::start(env.path());
+    let mut cmd = push_cmd(&env, &url(&from_daemon), &key, &top);
+    daemon.client(&mut cmd, &no_db);
+    let text = pushed(&mut cmd);
+    assert!(!no_db.join("db").exists(), "the push made a store database");
+
+    let want = narinfo_texts(&from_db);
+    assert_eq!(want.len(), nix_closure(std::slice::from_ref(&top)).len());
+    assert_eq!(narinfo_texts(&from_daemon), want, "{text}");
+    CacheDir::new(&from_daemon).assert_complete();
+    assert_substitutes(&env, &url(&from_daemon), &public, &outs);
+
+    // With neither the database nor the daemon, the error names the database.
+    let socket = daemon.socket.clone();
+    drop(daemon);
+    let mut cmd = push_cmd(&env, &url(&from_daemon), &key, &top);
+    nix_daemon_client(&mut cmd, &no_db, &socket);
+    let out = cmd.output().expect("run narpost push");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: cannot read the Nix store database",
+            no_db.join("db/db.sqlite").display()
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn http_cache_gets_nars_before_narinfos_and_references_first() {
     let env = Env::new();

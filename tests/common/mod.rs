@@ -822,3 +822,69 @@ pub fn canned_server(response: &'static [u8], hang: bool) -> u16 {
     });
     port
 }
+
+// ---------------------------------------------------------------------------------------
+// A store reachable only through nix-daemon, as for a user who cannot read the database.
+
+/// A real `nix-daemon` serving this machine's store on a socket of its own, so clients can
+/// be given a state directory without the store database and still reach the store.
+pub struct NixDaemon {
+    pub socket: PathBuf,
+    _process: Background,
+}
+
+impl NixDaemon {
+    pub fn start(scratch: &Path) -> NixDaemon {
+        let socket = scratch.join("nix-daemon.socket");
+        let mut cmd = nix("nix-daemon");
+        cmd.env("NIX_DAEMON_SOCKET_PATH", &socket);
+        let process = Background::spawn(&mut cmd, &scratch.join("nix-daemon.log"), "nix-daemon");
+        let mut daemon = NixDaemon {
+            socket,
+            _process: process,
+        };
+        wait_until("nix-daemon to listen", Duration::from_secs(20), || {
+            daemon._process.assert_running();
+            daemon.socket.exists()
+        });
+        daemon
+    }
+
+    /// Makes `cmd` a client of this daemon (see [`nix_daemon_client`]).
+    pub fn client(&self, cmd: &mut Command, state_dir: &Path) {
+        nix_daemon_client(cmd, state_dir, &self.socket);
+    }
+}
+
+/// Makes `cmd` a client of the nix-daemon on `socket` whose Nix state directory is
+/// `state_dir`, where no store database is: Nix commands it runs go through the daemon.
+pub fn nix_daemon_client(cmd: &mut Command, state_dir: &Path, socket: &Path) {
+    fs::create_dir_all(state_dir).expect("create a state directory");
+    cmd.env("NIX_STATE_DIR", state_dir)
+        .env("NIX_REMOTE", "daemon")
+        .env("NIX_DAEMON_SOCKET_PATH", socket);
+}
+
+// ---------------------------------------------------------------------------------------
+// Which Nix runs the tests: Debian 12's 2.8 or, in scripts/test-nix-2.26, Debian 13's 2.26.
+// Only what really differs between them asks.
+
+/// The (major, minor) version of the `nix` on PATH.
+pub fn nix_version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let text = stdout(&run(nix("nix").arg("--version")));
+        let number = text.split_whitespace().last().unwrap_or_default();
+        let mut parts = number.split('.').map(|n| n.parse::<u32>());
+        match (parts.next(), parts.next()) {
+            (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+            _ => panic!("cannot read the version in `nix --version`: {text:?}"),
+        }
+    })
+}
+
+/// Whether Nix passes the built outputs to `post-build-hook` in OUT_PATHS: Nix 2.8 leaves
+/// it empty (so the hook reads them from the `.drv`); Nix 2.26 fills it.
+pub fn nix_fills_out_paths() -> bool {
+    nix_version() > (2, 8)
+}
