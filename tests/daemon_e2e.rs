@@ -112,15 +112,29 @@ exit $code
             .collect()
     }
 
-    /// Asserts every hook run so far exited 0 and said nothing, and that Nix 2.8 passed an
-    /// empty OUT_PATHS (so the outputs came from the `.drv`); returns the number of runs.
+    /// Asserts every hook run so far exited 0 and said nothing, and got what this Nix passes:
+    /// Nix 2.8 an empty OUT_PATHS (so the outputs came from the `.drv`), later Nix every
+    /// output of the `.drv` built. Returns the number of runs.
     fn assert_all_quiet(&self) -> usize {
         let calls = self.calls();
         for c in &calls {
             assert_eq!(c.code, 0, "{c:?}");
             assert_eq!(c.stderr, "", "{c:?}");
-            assert_eq!(c.out_paths, "", "Nix 2.8 leaves OUT_PATHS empty: {c:?}");
             assert!(c.drv_path.ends_with(".drv"), "{c:?}");
+            if nix_fills_out_paths() {
+                let passed: BTreeSet<StorePath> = parse_paths(&c.out_paths.replace(' ', "\n"))
+                    .into_iter()
+                    .collect();
+                let outputs = run(nix("nix-store").args(["-q", "--outputs", &c.drv_path]));
+                let want: BTreeSet<StorePath> =
+                    parse_paths(&stdout(&outputs)).into_iter().collect();
+                assert_eq!(
+                    passed, want,
+                    "OUT_PATHS is every output of the build: {c:?}"
+                );
+            } else {
+                assert_eq!(c.out_paths, "", "Nix 2.8 leaves OUT_PATHS empty: {c:?}");
+            }
         }
         calls.len()
     }
@@ -450,8 +464,8 @@ fn nix_builds_are_queued_by_the_hook_and_the_daemon_pushes_them() {
     let built = nix_closure(&outs);
     assert_eq!(built.len(), 12, "eleven builds, twelve outputs: {built:?}");
 
-    // Eleven builds ran the hook, each with an empty OUT_PATHS, and each queued exactly its
-    // own outputs, read from its .drv: one entry per build, no path twice.
+    // Eleven builds ran the hook and each queued exactly its own outputs (read from its .drv
+    // under Nix 2.8, which passes an empty OUT_PATHS): one entry per build, no path twice.
     assert_eq!(hooked.assert_all_quiet(), 11);
     let entries = queued(&env.state());
     assert_eq!(entries.len(), 11, "{entries:?}");
