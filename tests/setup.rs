@@ -397,6 +397,14 @@ fn bad_targets_and_inputs_get_one_line_naming_the_file() {
         assert_eq!(out.status.code(), Some(2));
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
     }
+    let out = setup(r, &["--cache", "file:///tmp/cache", "--key-name", "k-1"]);
+    assert!(
+        stderr(&out).contains(
+            "/tmp/cache: the daemon cannot see this file:// cache there (its unit sets PrivateTmp=true)"
+        ),
+        "{}",
+        stderr(&out)
+    );
     let out = setup(
         r,
         &[

@@ -312,8 +312,25 @@ fn request(args: &SetupArgs, obs: &Observed) -> anyhow::Result<Request> {
         }
         None => None,
     };
+    let key = key_plan(args, obs)?;
+    let key_file = key.file();
+    let cache_dir = plan::file_cache_dir(&cache);
+    for (what, path) in [
+        ("signing key", Some(key_file.as_path())),
+        ("token file", token_file.as_deref()),
+        ("file:// cache", cache_dir.as_deref()),
+    ] {
+        if let Some(p) = path
+            && let Some(setting) = plan::hidden_from_daemon(p)
+        {
+            bail!(
+                "{}: the daemon cannot see this {what} there (its unit sets {setting}); move it below /etc/narpost (a cache: /var/lib/narpost or /srv) and run setup again",
+                p.display()
+            );
+        }
+    }
     Ok(Request {
-        key: key_plan(args, obs)?,
+        key,
         cache,
         token_file,
         force: args.force,

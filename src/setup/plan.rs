@@ -169,6 +169,23 @@ pub enum Refusal {
     Config { file: PathBuf, problem: String },
 }
 
+/// The setting of the unit that hides `path` (as the machine sees it) from the daemon, if
+/// one does: a key, token or `file://` cache there would work from a shell and fail in the
+/// service.
+pub fn hidden_from_daemon(path: &Path) -> Option<&'static str> {
+    let rules: [(&'static str, &[&str]); 2] = [
+        ("ProtectHome=true", &["/home", "/root", "/run/user"]),
+        ("PrivateTmp=true", &["/tmp", "/var/tmp"]),
+    ];
+    rules
+        .into_iter()
+        .find(|(setting, dirs)| {
+            UNIT_TEXT.lines().any(|l| l.trim() == *setting)
+                && dirs.iter().any(|d| path.starts_with(d))
+        })
+        .map(|(setting, _)| setting)
+}
+
 /// The local directory of a `file://` cache (or a bare absolute path).
 pub fn file_cache_dir(cache: &str) -> Option<PathBuf> {
     let dir = cache.strip_prefix("file://").unwrap_or(cache);
@@ -686,6 +703,24 @@ mod tests {
             "extra-substituters = https://attic.example.org/prefix/main"
         );
         assert!(attic[1].contains("attic cache info main"), "{}", attic[1]);
+    }
+
+    #[test]
+    fn paths_the_unit_hides_are_named_with_the_setting() {
+        assert_eq!(
+            hidden_from_daemon(Path::new("/root/cache.sec")),
+            Some("ProtectHome=true")
+        );
+        assert_eq!(
+            hidden_from_daemon(Path::new("/home/ci/token")),
+            Some("ProtectHome=true")
+        );
+        assert_eq!(
+            hidden_from_daemon(Path::new("/tmp/cache")),
+            Some("PrivateTmp=true")
+        );
+        assert_eq!(hidden_from_daemon(Path::new("/etc/narpost/k.sec")), None);
+        assert_eq!(hidden_from_daemon(Path::new("/homework/x")), None);
     }
 
     #[test]
