@@ -66,6 +66,13 @@ const MISSING_BATCH: usize = 1_000;
 /// How long a connection may make no progress unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Largest answer read for `cache-config`, an error or an upload: all are a few hundred
+/// bytes from a real server.
+const MAX_ANSWER: usize = 64 * 1024;
+/// Largest `get-missing-paths` answer: [`MISSING_BATCH`] hashes of 32 characters in JSON
+/// fit in about 35 KiB.
+const MAX_MISSING_ANSWER: usize = 1024 * 1024;
+
 const NAR_INFO_HEADER: &str = "X-Attic-Nar-Info";
 const PREAMBLE_SIZE_HEADER: &str = "X-Attic-Nar-Info-Preamble-Size";
 
@@ -218,7 +225,12 @@ impl AtticTarget {
     /// Turns an error answer into a message naming the server or cache and what to do.
     async fn answer_error(&self, response: reqwest::Response, action: &str) -> TargetError {
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
+        // Only the start of an error answer is worth showing; a broken or endless one still
+        // leaves the status to go by.
+        let body = stall::read_answer(response, MAX_ANSWER, self.timeout)
+            .await
+            .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+            .unwrap_or_default();
         let (name, message) = match serde_json::from_str::<ApiError>(&body) {
             Ok(api) => (api.error, api.message),
             Err(_) => (String::new(), first_line(&body)),
@@ -297,6 +309,31 @@ impl AtticTarget {
         }
     }
 
+    /// Reads the body of an answer narpost needs (the timeout as a whole, at most `limit`).
+    async fn read_body(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+        action: &str,
+    ) -> Result<Vec<u8>, TargetError> {
+        let server = self.server_name();
+        match stall::read_answer(response, limit, self.timeout).await {
+            Ok(answer) if answer.truncated => Err(TargetError::permanent(format!(
+                "{server}: the answer while {action} is larger than {} KiB, far more than an Attic server sends; refusing to read it",
+                limit / 1024
+            ))),
+            Ok(answer) => Ok(answer.body),
+            Err(stall::AnswerError::TimedOut(waited)) => Err(TargetError::transient(format!(
+                "{server}: timed out after {}s while {action}: the answer did not finish",
+                waited.as_secs()
+            ))
+            .with_hint(format!(
+                "check that the Attic server at {server} is healthy; http-timeout sets how long to wait"
+            ))),
+            Err(stall::AnswerError::Transport(e)) => Err(self.request_error(&e, action)),
+        }
+    }
+
     async fn missing_batch(&self, hashes: Vec<&str>) -> Result<Vec<String>, TargetError> {
         let action = "asking which paths are missing";
         let request = MissingPathsRequest {
@@ -318,10 +355,7 @@ impl AtticTarget {
         if !response.status().is_success() {
             return Err(self.answer_error(response, action).await);
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.request_error(&e, action))?;
+        let bytes = self.read_body(response, MAX_MISSING_ANSWER, action).await?;
         let parsed: MissingPathsResponse = serde_json::from_slice(&bytes).map_err(|e| {
             TargetError::permanent(format!(
                 "{}: unexpected answer to get-missing-paths: {e}",
@@ -354,10 +388,7 @@ impl Target for AtticTarget {
         if !response.status().is_success() {
             return Err(self.answer_error(response, &action).await);
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.request_error(&e, &action))?;
+        let bytes = self.read_body(response, MAX_ANSWER, &action).await?;
         let config: CacheConfig = serde_json::from_slice(&bytes).map_err(|e| {
             TargetError::permanent(format!(
                 "{}: the cache configuration of {} is not what an Attic server sends: {e}",
@@ -529,10 +560,24 @@ impl Target for AtticTarget {
         if !response.status().is_success() {
             return Err(self.answer_error(response, &action).await);
         }
-        // Attic's own client accepts a success without a JSON body, so this does too.
-        if let Ok(bytes) = response.bytes().await
-            && let Ok(result) = serde_json::from_slice::<UploadPathResult>(&bytes)
-        {
+        // Attic's own client accepts a success without a JSON body, so this does too; but
+        // an answer that never ends is a stalled upload: the server may not have stored it.
+        let answer = match stall::read_answer(response, MAX_ANSWER, self.timeout).await {
+            Ok(answer) => answer,
+            Err(stall::AnswerError::TimedOut(waited)) => {
+                return Err(TargetError::transient(format!(
+                    "{}: timed out while {action}: the server accepted the upload but did not finish its answer within {}s",
+                    self.server_name(),
+                    waited.as_secs()
+                ))
+                .with_hint(format!(
+                    "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
+                    self.server_name()
+                )));
+            }
+            Err(stall::AnswerError::Transport(e)) => return Err(self.request_error(&e, &action)),
+        };
+        if let Ok(result) = serde_json::from_slice::<UploadPathResult>(&answer.body) {
             tracing::debug!(
                 "{}: {path}: {}",
                 self.url,

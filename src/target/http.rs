@@ -181,7 +181,7 @@ impl HttpTarget {
             .header(CONTENT_TYPE, content_type)
             .body(body);
         let response = self.send_small(request, &url).await?;
-        expect_success(&url, response).await
+        expect_success(&url, response, self.read_timeout).await
     }
 
     async fn check_cache_info(&self) -> Result<(), TargetError> {
@@ -199,10 +199,11 @@ impl HttpTarget {
             }
             _ => return Err(status_error(&url, &response)),
         }
-        let body = read_limited(response, MAX_CACHE_INFO)
+        let status = response.status();
+        let answer = stall::read_answer(response, MAX_CACHE_INFO, self.read_timeout)
             .await
-            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
-        let text = String::from_utf8_lossy(&body);
+            .map_err(|e| answer_error(&url, status, e))?;
+        let text = String::from_utf8_lossy(&answer.body);
         super::file::check_cache_info(&text).map_err(|what| {
             TargetError::permanent(format!(
                 "{url}: {what}; {} doesn't look like a binary cache",
@@ -259,7 +260,7 @@ impl HttpTarget {
             .header(CONTENT_LENGTH, len)
             .body(reqwest::Body::wrap_stream(body));
         let response = self.watch(request.send(), &progress, &url).await?;
-        expect_success(&url, response).await
+        expect_success(&url, response, self.read_timeout).await
     }
 
     /// Drives `send` and fails it when `progress` stalls (see the module doc).
@@ -451,28 +452,38 @@ fn impossible_hash_part() -> String {
     crate::format::nixbase32::encode(&digest.as_bytes()[..20])
 }
 
-async fn expect_success(url: &Url, response: Response) -> Result<(), TargetError> {
-    if response.status().is_success() {
-        // Reading the (small) answer lets the connection be reused; it carries nothing we need.
-        let _ = read_limited(response, MAX_CACHE_INFO).await;
-        Ok(())
-    } else {
-        Err(status_error(url, &response))
+/// A success answer's body carries nothing we need, but it is read (briefly, see
+/// [`MAX_CACHE_INFO`]) so the connection can be reused, and an answer that stops half-way is
+/// a failure like any other stall: the server may not have stored the object.
+async fn expect_success(
+    url: &Url,
+    response: Response,
+    timeout: Duration,
+) -> Result<(), TargetError> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(status_error(url, &response));
     }
+    stall::read_answer(response, MAX_CACHE_INFO, timeout)
+        .await
+        .map(drop)
+        .map_err(|e| answer_error(url, status, e))
 }
 
-async fn read_limited(response: Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        let room = limit.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= limit {
-            break;
+/// Reading an answer's body failed: transient, like the request it belongs to failing.
+fn answer_error(url: &Url, status: StatusCode, e: stall::AnswerError) -> TargetError {
+    match e {
+        stall::AnswerError::TimedOut(waited) => TargetError::transient(format!(
+            "{url}: timed out: the server answered {status} but did not finish its answer within {}",
+            human_duration(waited)
+        )),
+        stall::AnswerError::Transport(e) => {
+            let detail = innermost(&e);
+            TargetError::transient(format!(
+                "{url}: the server answered {status}, then its answer broke off: {detail}"
+            ))
         }
     }
-    Ok(body)
 }
 
 fn status_error(url: &Url, response: &Response) -> TargetError {

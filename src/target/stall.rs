@@ -5,6 +5,10 @@
 //! end ([`Progress::finish`]); [`watch`] fails the request when no chunk was taken for the
 //! timeout, or when, after the last byte, no answer comes within [`ANSWER_TIMEOUT_FACTOR`]
 //! times it (the socket buffers may still hold megabytes that a slow link has to drain).
+//!
+//! The answer's body is read by [`read_answer`], with the same timeout as a whole and a size
+//! limit: a server that sends headers and then nothing, or an endless body, ends in an error
+//! rather than a stuck upload or an exhausted memory.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +101,54 @@ pub async fn watch<T>(
             }
         }
     }
+}
+
+/// An answer's body, at most the limit it was read with.
+pub struct Answer {
+    pub body: Vec<u8>,
+    /// The server sent more than the limit; `body` holds the first part.
+    pub truncated: bool,
+}
+
+/// Why an answer's body could not be read.
+#[derive(Debug)]
+pub enum AnswerError {
+    /// Not complete within the timeout.
+    TimedOut(Duration),
+    Transport(reqwest::Error),
+}
+
+/// Reads `response`'s body, keeping at most `limit` bytes (the rest is not read: the
+/// connection is dropped instead of being reused), all within `timeout`.
+pub async fn read_answer(
+    response: reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Answer, AnswerError> {
+    use futures::StreamExt;
+    let read = async {
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(AnswerError::Transport)?;
+            let room = limit - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                return Ok(Answer {
+                    body,
+                    truncated: true,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            body,
+            truncated: false,
+        })
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(AnswerError::TimedOut(timeout)))
 }
 
 #[cfg(test)]
