@@ -60,7 +60,9 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
     };
     let (cache, public_key) = match &state {
         Some(s) => (s.cache.clone(), s.public_key.clone()),
-        None => (cfg.cache.clone(), configured_key()),
+        // The drainer publishes the URL without credentials; the configured one may hold a
+        // password (`http://user:secret@host`).
+        None => (crate::target::http::redact(&cfg.cache), configured_key()),
     };
     let running = DrainLock::is_held(&cfg.state_dir);
     let failed = queue
@@ -111,12 +113,12 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("cache:        {}", s.cache);
+    println!("cache:        {}", printable(&s.cache));
     println!(
         "public key:   {}",
         s.public_key.as_deref().unwrap_or("(none yet)")
     );
-    println!("state dir:    {}", s.state_dir);
+    println!("state dir:    {}", printable(&s.state_dir));
     println!(
         "daemon:       {}",
         if s.daemon_running {
@@ -140,8 +142,8 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     if let Some(e) = &s.last_error {
         match s.last_error_at {
-            Some(at) => println!("last error:   {} ago: {e}", ago(at)),
-            None => println!("last error:   {e}"),
+            Some(at) => println!("last error:   {} ago: {}", ago(at), printable(e)),
+            None => println!("last error:   {}", printable(e)),
         }
     }
     if !s.failed.is_empty() {
@@ -151,17 +153,35 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
                 "  {} ago: {}: {}",
                 ago(f.failed_at),
                 f.paths.join(" "),
-                f.reason
+                printable(&f.reason)
             );
         }
     }
     if !s.corrupt.is_empty() {
         println!("corrupt:      {} queue files set aside", s.corrupt.len());
         for c in &s.corrupt {
-            println!("  {}: {}", c.file, c.reason);
+            println!("  {}: {}", printable(&c.file), printable(&c.reason));
         }
     }
     Ok(())
+}
+
+/// `text` with control characters (terminal escapes, line breaks) and invisible or
+/// direction-changing format characters written as `\u{..}` escapes. What is printed here
+/// comes partly from elsewhere: names of files someone left in the queue, a cache server's
+/// error message; none of it may drive the terminal or fake a line of the report. (The JSON
+/// output needs nothing of this: JSON escapes control characters itself.)
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let invisible = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if c.is_control() || invisible {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// How long ago a unix time was, as `<n>s`.
@@ -171,4 +191,16 @@ fn ago(unix_secs: u64) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     format!("{}s", now.saturating_sub(unix_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_could_drive_a_terminal() {
+        assert_eq!(printable("plain ü name"), "plain ü name");
+        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
+        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+    }
 }

@@ -401,8 +401,9 @@ fn parse_base(base: &str, auth: HttpAuth) -> Result<(Url, HttpAuth), TargetError
     Ok((url, auth))
 }
 
-/// `scheme://host...` with anything between `://` and `@` replaced.
-fn redact(url: &str) -> String {
+/// `scheme://host...` with anything between `://` and `@` replaced (for any URL that may
+/// carry credentials, not only HTTP ones).
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             format!("{}://<credentials>@{}", &url[..s], &url[at + 1..])
