@@ -203,7 +203,13 @@ fn outputs(env: &HookEnv, report: &mut Vec<String>) -> (Vec<StorePath>, Option<S
         );
         return (paths, drv);
     };
-    let text = match std::fs::read_to_string(drv_path) {
+    if let Err(e) = StorePath::from_absolute(drv_path) {
+        report.push(format!(
+            "DRV_PATH: {e}; OUT_PATHS is empty, so this build's outputs are not queued; push them with `narpost push`"
+        ));
+        return (paths, drv);
+    }
+    let text = match read_drv(Path::new(drv_path)) {
         Ok(t) => t,
         Err(e) => {
             report.push(format!(
@@ -223,6 +229,51 @@ fn outputs(env: &HookEnv, report: &mut Vec<String>) -> (Vec<StorePath>, Option<S
         )),
     }
     (paths, drv)
+}
+
+/// Derivations are kilobytes; the largest real ones (long inline scripts, many inputs) are
+/// a few megabytes. Anything larger is not worth holding a build for.
+const MAX_DRV_LEN: u64 = 32 << 20;
+
+/// Reads a `.drv` for its outputs, at a bounded cost whatever is at the path: a symlink or
+/// something other than a regular file is refused without reading, a file that does not
+/// start like a derivation after its first few bytes, and one past [`MAX_DRV_LEN`] before
+/// it is read whole.
+fn read_drv(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    const PREFIX: &[u8] = b"Derive(";
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidData, "not a regular file"));
+    }
+    if meta.len() > MAX_DRV_LEN {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} bytes is too large for a derivation (at most {MAX_DRV_LEN})",
+                meta.len()
+            ),
+        ));
+    }
+    let mut limited = file.take(MAX_DRV_LEN);
+    let mut head = Vec::with_capacity(meta.len() as usize);
+    (&mut limited)
+        .take(PREFIX.len() as u64)
+        .read_to_end(&mut head)?;
+    if head != PREFIX {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "does not start with `Derive(`, so it is not a derivation",
+        ));
+    }
+    limited.read_to_end(&mut head)?;
+    String::from_utf8(head).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8"))
 }
 
 #[cfg(test)]
@@ -246,6 +297,37 @@ mod tests {
         assert_eq!(report.len(), 2, "{report:?}");
         assert!(report[0].contains("\"/tmp/x\""), "{report:?}");
         assert!(report[1].contains("\"/nix/store/short\""), "{report:?}");
+    }
+
+    #[test]
+    fn drv_path_is_read_only_from_the_store_and_only_if_it_looks_like_a_derivation() {
+        let mut report = Vec::new();
+        let env = |drv: &str| HookEnv {
+            out_paths: Some(String::new()),
+            drv_path: Some(drv.into()),
+        };
+        let started = std::time::Instant::now();
+        let (paths, _) = outputs(&env("/dev/zero"), &mut report);
+        assert!(paths.is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(report.len(), 1, "{report:?}");
+        assert!(report[0].contains("/dev/zero"), "{report:?}");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let big = tmp.path().join("big");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(MAX_DRV_LEN + 1).unwrap();
+        let err = read_drv(&big).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        // A file that is not a derivation is refused after seven bytes.
+        std::fs::write(&big, b"garbage").unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        file.set_len(MAX_DRV_LEN).unwrap();
+        let err = read_drv(&big).unwrap_err();
+        assert!(err.to_string().contains("Derive("), "{err}");
+        std::os::unix::fs::symlink(&big, tmp.path().join("link")).unwrap();
+        assert!(read_drv(&tmp.path().join("link")).is_err());
+        assert!(read_drv(Path::new("/dev/null")).is_err());
     }
 
     #[test]
