@@ -13,14 +13,20 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::Signer as _;
 
+/// Errors name the key only once its name has passed [`check_name`]: what comes before the
+/// ':' of a malformed file may be part of the secret itself (a line break in the wrong
+/// place, two keys pasted together), so a rejected name is described, never shown.
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
-    #[error("{what} {name:?}: expected `<name>:<base64>`, found no ':'")]
-    MissingColon { what: &'static str, name: String },
+    #[error("{what}: expected `<name>:<base64>`, found no ':'")]
+    MissingColon { what: &'static str },
     #[error("{what}: the key name before ':' is empty")]
     EmptyName { what: &'static str },
-    #[error("{what} {name:?}: key name may not contain ':' or whitespace and may not be empty")]
-    InvalidName { what: &'static str, name: String },
+    #[error("{what}: the key name {problem}; a key name is printable ASCII without ':' or spaces")]
+    InvalidName {
+        what: &'static str,
+        problem: &'static str,
+    },
     #[error("{what} {name:?}: key material is not valid base64")]
     BadBase64 { what: &'static str, name: String },
     #[error("{what} {name:?}: key material is {len} bytes, expected {expected}")]
@@ -58,19 +64,13 @@ pub struct PublicKey {
     key: ed25519_dalek::VerifyingKey,
 }
 
-/// Splits `<name>:<base64>` and decodes the base64 part.
+/// Splits `<name>:<base64>`, checks the name and decodes the base64 part.
 fn split_key(what: &'static str, input: &str) -> Result<(String, Vec<u8>), SigningError> {
     let input = input.trim();
     let Some((name, b64)) = input.split_once(':') else {
-        // Never echo what might be a secret; a name-less line shows nothing.
-        return Err(SigningError::MissingColon {
-            what,
-            name: String::new(),
-        });
+        return Err(SigningError::MissingColon { what });
     };
-    if name.is_empty() {
-        return Err(SigningError::EmptyName { what });
-    }
+    check_name(what, name)?;
     let bytes = BASE64.decode(b64).map_err(|_| SigningError::BadBase64 {
         what,
         name: name.to_owned(),
@@ -78,14 +78,29 @@ fn split_key(what: &'static str, input: &str) -> Result<(String, Vec<u8>), Signi
     Ok((name.to_owned(), bytes))
 }
 
+/// The name goes into every signature (`<name>:<sig>`) and every substituter looks the key
+/// up by it in `trusted-public-keys`; an invisible byte in it (a byte order mark an editor
+/// added) makes signatures nobody trusts, and a line break would put a line of its own
+/// into every narinfo. So names are printable ASCII, for generated and loaded keys alike.
 fn check_name(what: &'static str, name: &str) -> Result<(), SigningError> {
-    if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
-        return Err(SigningError::InvalidName {
-            what,
-            name: name.to_owned(),
-        });
-    }
-    Ok(())
+    let problem = if name.is_empty() {
+        return Err(SigningError::EmptyName { what });
+    } else if name.starts_with('\u{feff}') {
+        "starts with a byte order mark (U+FEFF, added by some editors); save the file without it"
+    } else if name.contains(['\n', '\r']) {
+        "spans more than one line"
+    } else if name.chars().any(char::is_whitespace) {
+        "contains whitespace"
+    } else if name.chars().any(|c| c.is_control()) {
+        "contains control characters"
+    } else if !name.is_ascii() {
+        "contains characters outside ASCII"
+    } else if name.contains(':') {
+        "contains ':'"
+    } else {
+        return Ok(());
+    };
+    Err(SigningError::InvalidName { what, problem })
 }
 
 impl SigningKey {
@@ -292,6 +307,29 @@ mod tests {
         );
         assert!(SigningKey::generate("bad:name").is_err());
         assert!(SigningKey::generate("").is_err());
+        assert!(SigningKey::generate("\u{feff}k").is_err());
+    }
+
+    #[test]
+    fn loaded_names_are_checked_like_generated_ones_and_never_echoed() {
+        let good = SigningKey::from_seed("k", [1; 32]).to_nix_string();
+        let (_, b64) = good.split_once(':').unwrap();
+        for (input, problem) in [
+            (format!("\u{feff}k:{b64}"), "byte order mark"),
+            (format!("TOPSECRET{b64}\nother:{b64}"), "more than one line"),
+            (format!("a b:{b64}"), "whitespace"),
+            (format!("a\u{7}b:{b64}"), "control"),
+            (format!("caf\u{e9}:{b64}"), "outside ASCII"),
+        ] {
+            let err = SigningKey::parse(&input).expect_err(problem).to_string();
+            assert!(err.contains(problem), "{err}");
+            assert!(!err.contains("TOPSECRET"), "{err}");
+            assert!(!err.contains(&b64[..16]), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        // The name of a key whose name is fine may be named.
+        let err = SigningKey::parse("k:AAAA").unwrap_err().to_string();
+        assert!(err.contains("\"k\""), "{err}");
     }
 
     #[test]
