@@ -55,6 +55,11 @@ pub fn pipeline_spooling_in(
             spool_dir,
             retry,
             upstream_keys: cfg.upstream_keys.clone(),
+            logs: crate::pipeline::LogOptions {
+                enabled: cfg.upload_logs,
+                max_size: cfg.max_log_size,
+                dir: crate::buildlog::log_dir(),
+            },
         },
     ))
 }

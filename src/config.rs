@@ -16,6 +16,8 @@
 //! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
 //! http-timeout = 60                         # seconds an HTTP/Attic connection may make no progress
 //! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
+//! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
+//! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
 //! ```
 //!
 //! Secrets are only ever read from files or the environment, never from the command line,
@@ -67,6 +69,8 @@ struct FileConfig {
     drain_timeout: Option<u64>,
     http_timeout: Option<u64>,
     upstream_keys: Option<Vec<String>>,
+    upload_logs: Option<bool>,
+    max_log_size: Option<u64>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -100,10 +104,15 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// Key names whose signature in the local store means upstream serves the path.
     pub upstream_keys: Vec<String>,
+    /// Whether build logs are uploaded where the cache has a place for them.
+    pub upload_logs: bool,
+    /// Largest build log uploaded, in bytes (uncompressed).
+    pub max_log_size: u64,
 }
 
 /// Paths substituted from the official cache are not pushed again unless configured so.
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &["cache.nixos.org-1"];
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 16 << 20;
 
 impl Config {
     /// `config_file`: the `--config` flag or `NARPOST_CONFIG`; when absent, the system-wide
@@ -167,8 +176,32 @@ impl Config {
                     .collect()
             }),
         };
+        let upload_logs = match env("NARPOST_UPLOAD_LOGS") {
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "NARPOST_UPLOAD_LOGS",
+                        value: v.clone(),
+                        reason: "expected true or false".into(),
+                    });
+                }
+            },
+            None => file.upload_logs.unwrap_or(true),
+        };
+        let max_log_size = match env("NARPOST_MAX_LOG_SIZE") {
+            Some(v) => v.parse().map_err(|_| ConfigError::Env {
+                var: "NARPOST_MAX_LOG_SIZE",
+                value: v.clone(),
+                reason: "expected a whole number of bytes".into(),
+            })?,
+            None => file.max_log_size.unwrap_or(DEFAULT_MAX_LOG_SIZE),
+        };
         Ok(Config {
             upstream_keys,
+            upload_logs,
+            max_log_size,
             cache,
             cache_is_default,
             key_file,

@@ -76,6 +76,9 @@ pub struct DrainState {
     /// Paths signed by an upstream key, not uploaded.
     #[serde(default)]
     pub left_upstream: u64,
+    /// Build logs uploaded, with their paths or (watchers) of failed builds.
+    #[serde(default)]
+    pub logs_uploaded: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
     pub cache_down_since: Option<u64>,
@@ -163,6 +166,7 @@ pub struct Totals {
     pub pushed: u64,
     pub already_cached: u64,
     pub left_upstream: u64,
+    pub logs_uploaded: u64,
     pub left: usize,
 }
 
@@ -211,6 +215,10 @@ impl Drainer {
     /// How long uploads under way may go on after a stop signal.
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
     }
 
     pub fn queue(&self) -> &Arc<Queue> {
@@ -425,6 +433,11 @@ impl Drainer {
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
         self.state.left_upstream += report.left_upstream as u64;
+        self.state.logs_uploaded += report.logs_uploaded as u64;
+        for message in &report.log_failures {
+            // The path itself is in the cache; only `nix log` will lack this.
+            tracing::warn!("{message}");
+        }
 
         let failures: HashMap<&StorePath, &crate::pipeline::PathFailure> =
             report.failed.iter().map(|f| (&f.path, f)).collect();
@@ -593,6 +606,7 @@ impl Drainer {
             pushed: self.state.pushed,
             already_cached: self.state.already_cached,
             left_upstream: self.state.left_upstream,
+            logs_uploaded: self.state.logs_uploaded,
             left: self.queue.depth().unwrap_or(0),
         })
     }

@@ -4,6 +4,7 @@
 //!
 //! - [`format`]: pure Nix formats (nixbase32, store paths, hashes, NAR writer, narinfo,
 //!   signing keys, `.drv` outputs); no filesystem, network or async.
+//! - [`buildlog`]: where Nix keeps build logs on this machine, and reading one for a cache.
 //! - [`dump`]: serializes a store path on disk into a NAR through [`format::nar`].
 //! - [`store`]: path metadata and closures from the local Nix store's database.
 //! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3, Attic and ssh implementations.
@@ -15,12 +16,14 @@
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
+//! - [`failed_builds`]: uploads the build logs of failed builds for the watchers.
 //! - [`status`]: what `narpost status` reports.
 //! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
 //! - [`cli`]: the command line; [`cli_docs`]: its completions and man pages; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
 
 pub mod app;
+pub mod buildlog;
 pub mod cli;
 pub mod cli_docs;
 pub mod compress;
@@ -28,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod dump;
 pub mod error;
+pub mod failed_builds;
 pub mod format;
 pub mod hook;
 pub mod keys;

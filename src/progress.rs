@@ -63,6 +63,10 @@ pub async fn render(mut rx: mpsc::UnboundedReceiver<Event>) {
                 Some(b) => b.println(format!("failed: {message}")),
                 None => eprintln!("failed: {message}"),
             },
+            Event::LogFailed { message } => match &bar {
+                Some(b) => b.println(format!("build log: {message}")),
+                None => eprintln!("build log: {message}"),
+            },
             Event::Retrying { what, delay, error } => {
                 let line = format!("{what}: {error}; retrying in {:.1}s", delay.as_secs_f64());
                 match &bar {
@@ -110,6 +114,13 @@ pub fn summary(report: &Report) -> String {
         HumanBytes(report.nar_bytes),
         HumanBytes(report.file_bytes),
     ));
+    if report.logs_uploaded > 0 || !report.log_failures.is_empty() {
+        out.push_str(&format!(
+            "{} build logs uploaded, {} not uploaded\n",
+            report.logs_uploaded,
+            report.log_failures.len()
+        ));
+    }
     for f in &report.failed {
         out.push_str(&format!("failed: {}\n", f.message));
         if let Some(h) = &f.hint {

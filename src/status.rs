@@ -23,6 +23,8 @@ pub struct Status {
     pub pushed_since_start: Option<u64>,
     /// Paths signed by an upstream key that the drainer left to upstream since it started.
     pub left_upstream_since_start: Option<u64>,
+    /// Build logs the drainer uploaded since it started.
+    pub logs_uploaded_since_start: Option<u64>,
     pub failed: Vec<FailedStatus>,
     /// Queue files that failed their checks and were set aside.
     pub corrupt: Vec<CorruptStatus>,
@@ -95,6 +97,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
         oldest_entry_age_secs: queue.oldest_age()?.map(|d| d.as_secs()),
         pushed_since_start: state.as_ref().filter(|_| running).map(|s| s.pushed),
         left_upstream_since_start: state.as_ref().filter(|_| running).map(|s| s.left_upstream),
+        logs_uploaded_since_start: state.as_ref().filter(|_| running).map(|s| s.logs_uploaded),
         failed,
         corrupt,
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
@@ -136,6 +139,9 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     if let Some(u) = s.left_upstream_since_start {
         println!("upstream:     {u} paths left to upstream since start");
+    }
+    if let Some(l) = s.logs_uploaded_since_start {
+        println!("build logs:   {l} uploaded since start");
     }
     if let Some(since) = s.cache_down_since {
         println!("cache down:   for {}", ago(since));

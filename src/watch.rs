@@ -18,6 +18,9 @@
 //! again still uploads what it had seen. Stopping (SIGTERM for `watch-store`, the command's
 //! exit for `watch-exec`) queues what was found last and then drains the queue until it is
 //! empty or the drain timeout passes; whatever is left stays queued for the next drainer.
+//!
+//! Builds that fail leave no path to push but a log worth reading: [`crate::failed_builds`]
+//! uploads those while the watchers run, and decides what is left when they stop.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -430,20 +433,27 @@ async fn finish(
 
 /// Prints "pushed N paths, M already cached, K left queued" and, when something was not
 /// uploaded, why and where it stays.
-fn print_summary(cfg: &Config, queue: &Queue, totals: Option<Totals>, failed_before: usize) {
+fn print_summary(
+    cfg: &Config,
+    queue: &Queue,
+    totals: Option<Totals>,
+    failed_before: usize,
+    failed_build_logs: u64,
+) {
     let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let (pushed, already_cached, upstream) = match (totals, &state) {
-        (Some(t), _) => (t.pushed, t.already_cached, t.left_upstream),
-        (None, Some(s)) => (s.pushed, s.already_cached, s.left_upstream),
-        (None, None) => (0, 0, 0),
+    let (pushed, already_cached, upstream, logs) = match (totals, &state) {
+        (Some(t), _) => (t.pushed, t.already_cached, t.left_upstream, t.logs_uploaded),
+        (None, Some(s)) => (s.pushed, s.already_cached, s.left_upstream, s.logs_uploaded),
+        (None, None) => (0, 0, 0, 0),
     };
+    let logs = logs + failed_build_logs;
     let left = queue
         .depth()
         .unwrap_or_else(|_| totals.map_or(0, |t| t.left));
     eprintln!(
-        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued; {upstream} left to upstream"
+        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued; {upstream} left to upstream, {logs} build logs uploaded"
     );
     let failed = queue
         .failed()
@@ -468,6 +478,47 @@ fn print_summary(cfg: &Config, queue: &Queue, totals: Option<Totals>, failed_bef
     }
 }
 
+/// Starts uploading the logs of builds that fail while watching, where the cache takes logs.
+fn watch_failed_builds(
+    cfg: &Config,
+    drainer: &Drainer,
+    stop: CancellationToken,
+) -> Option<JoinHandle<u64>> {
+    let pipeline = drainer.pipeline();
+    if !cfg.upload_logs || !pipeline.target().stores_logs() {
+        return None;
+    }
+    let store = pipeline.store().clone();
+    match crate::failed_builds::spawn(pipeline.clone(), store, crate::buildlog::log_dir(), stop) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("{e:#}; logs of failed builds are not uploaded");
+            None
+        }
+    }
+}
+
+/// Stops the failed-build log watcher (it decides what is left first) and counts its
+/// uploads; the drain deadline bounds it as it bounds the uploads of paths.
+async fn failed_build_logs(
+    stop: CancellationToken,
+    handle: Option<JoinHandle<u64>>,
+    deadline: Instant,
+) -> u64 {
+    stop.cancel();
+    let Some(mut h) = handle else { return 0 };
+    match tokio::time::timeout_at(deadline, &mut h).await {
+        Ok(n) => n.unwrap_or(0),
+        Err(_) => {
+            h.abort();
+            eprintln!(
+                "narpost: drain timeout reached; logs of failed builds not uploaded by then are left out"
+            );
+            0
+        }
+    }
+}
+
 fn failed_count(queue: &Queue) -> usize {
     queue.failed().map(|f| f.len()).unwrap_or(0)
 }
@@ -479,6 +530,8 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
     let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
+    let logs_stop = CancellationToken::new();
+    let logs = watch_failed_builds(&cfg, &drainer, logs_stop.clone());
     // Said only once the store's contents at start are recorded: anything registered from
     // now on is pushed.
     eprintln!(
@@ -518,8 +571,10 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
         deadline
     };
     let stop = CancellationToken::new();
+    logs_stop.cancel();
     let totals = finish(&mut drainer, find_stop, finding, stop, deadline).await;
-    print_summary(&cfg, drainer.queue(), totals, failed_before);
+    let failed_logs = failed_build_logs(logs_stop, logs, deadline).await;
+    print_summary(&cfg, drainer.queue(), totals, failed_before, failed_logs);
     Ok(())
 }
 
@@ -550,6 +605,8 @@ pub async fn watch_exec(
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
     let (_qwatch, wake) = watch_dir(drainer.queue().queue_dir())?;
+    let logs_stop = CancellationToken::new();
+    let logs = watch_failed_builds(&cfg, &drainer, logs_stop.clone());
 
     let mut child = match tokio::process::Command::new(program).args(args).spawn() {
         Ok(c) => c,
@@ -563,6 +620,7 @@ pub async fn watch_exec(
                 126
             };
             eprintln!("narpost: {program}: cannot run command: {e}");
+            logs_stop.cancel();
             return Ok(code);
         }
     };
@@ -616,7 +674,10 @@ pub async fn watch_exec(
         i32::from(code),
         drainer.queue().queue_dir().display().to_string(),
     );
+    // The command's builds are over: what is left of the log watcher is decided now.
+    logs_stop.cancel();
     let totals = finish(&mut drainer, find_stop, finding, stop, deadline).await;
-    print_summary(&cfg, drainer.queue(), totals, failed_before);
+    let failed_logs = failed_build_logs(logs_stop, logs, deadline).await;
+    print_summary(&cfg, drainer.queue(), totals, failed_before, failed_logs);
     Ok(code)
 }

@@ -628,3 +628,45 @@ fn watch_store_pushes_new_builds_to_s3_through_the_config_file_alone() {
     cache.assert_complete();
     assert_substitutes(&env, &server.file_url(), &public, &[top]);
 }
+
+#[test]
+fn build_logs_go_to_the_bucket_where_nix_log_reads_them() {
+    let env = Env::new();
+    let server = S3Server::start(env.path());
+    let marker = format!("s3-log-{}", nonce());
+    let expr = format!(
+        r#"{prelude}{{
+  talk = mk "narpost-s3-log" ''
+    echo "the build says {marker}"
+    echo done > $out
+  '';
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let out = nix_build(&env.write_nix("talk.nix", &expr), &["talk"], &[]).remove(0);
+    let drv = stdout(&run(nix("nix-store").args(["-qd", &out.to_absolute()])));
+    let drv = StorePath::from_absolute(drv.trim()).expect("a deriver");
+    let (key, _) = env.keygen("s3-test-1");
+    let config = s3_config(&env, &server.url(), &key);
+    let out_text = run(aws_env(&mut env.narpost(), &env, ACCESS_KEY, SECRET_KEY)
+        .arg("--config")
+        .arg(&config)
+        .arg("push")
+        .arg(out.to_absolute()));
+    let text = stdout(&out_text) + &stderr(&out_text);
+    assert!(text.contains("1 build logs uploaded"), "{text}");
+    let log_key = format!("log/{}", drv.base());
+    assert_eq!(
+        server.object_record(&log_key, "metadata")["content_type"],
+        "text/plain; charset=utf-8"
+    );
+    // The bucket's files as Nix reads a cache (Debian's Nix has no S3 support).
+    let printed = stdout(&run(nix("nix")
+        .args(["log", "--store", &server.file_url()])
+        .arg(out.to_absolute())));
+    assert!(
+        printed.contains(&format!("the build says {marker}")),
+        "{printed}"
+    );
+}

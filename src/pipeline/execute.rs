@@ -1,15 +1,15 @@
 //! Execution: one task per missing path, in dependency order, bounded by worker and
 //! upload slots; a narinfo is stored only after its NAR and every missing reference's narinfo.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Event, FailureKind, PathFailure, Pipeline, Plan, Report, upload_slots};
+use super::{Event, FailureKind, LogOutcome, PathFailure, Pipeline, Plan, Report, upload_slots};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
@@ -37,6 +37,8 @@ impl Pipeline {
             receivers.insert(info.path.clone(), rx);
         }
 
+        // A derivation with several outputs has one log: the first output pushed takes it.
+        let logs_claimed = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = Vec::new();
         for info in plan.paths.iter().filter(|p| plan.missing.contains(&p.path)) {
             let deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)> = info
@@ -62,6 +64,7 @@ impl Pipeline {
                 (semaphore.clone(), uploads.clone()),
                 cancel.clone(),
                 done_tx,
+                logs_claimed.clone(),
             ));
         }
         let results = futures::future::join_all(tasks).await;
@@ -79,10 +82,16 @@ impl Pipeline {
                     path,
                     nar_size,
                     file_size,
+                    log,
                 } => {
                     report.nar_bytes += nar_size;
                     report.file_bytes += file_size;
                     report.pushed.push(path);
+                    match log {
+                        LogOutcome::Uploaded { .. } => report.logs_uploaded += 1,
+                        LogOutcome::Failed(message) => report.log_failures.push(message),
+                        LogOutcome::NotUploaded => {}
+                    }
                 }
                 PathResult::Failed(f) => report.failed.push(f),
                 PathResult::Skipped(p) => report.skipped.push(p),
@@ -99,8 +108,9 @@ impl Pipeline {
         slots: (Arc<Semaphore>, Arc<Semaphore>),
         cancel: CancellationToken,
         done: watch::Sender<Option<Outcome>>,
+        logs_claimed: Arc<Mutex<HashSet<StorePath>>>,
     ) -> PathResult {
-        let result = self.push_one_inner(&info, deps, &slots, &cancel).await;
+        let mut result = self.push_one_inner(&info, deps, &slots, &cancel).await;
         let outcome = match &result {
             PathResult::Pushed { .. } => Outcome::Done,
             PathResult::Failed(f) => {
@@ -113,6 +123,16 @@ impl Pipeline {
             PathResult::Skipped(_) => Outcome::Skipped,
         };
         let _ = done.send(Some(outcome));
+        // After the narinfo, and after telling referrers: a log never holds anything back.
+        if let (PathResult::Pushed { log, .. }, Some(drv)) = (&mut result, &info.deriver) {
+            let first = logs_claimed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(drv.clone());
+            if first && let Ok(_slot) = slots.1.clone().acquire_owned().await {
+                *log = self.upload_log(drv).await;
+            }
+        }
         result
     }
 
@@ -238,6 +258,7 @@ impl Pipeline {
             path,
             nar_size: info.nar_size,
             file_size,
+            log: LogOutcome::NotUploaded,
         }
     }
 
@@ -282,6 +303,7 @@ enum PathResult {
         path: StorePath,
         nar_size: u64,
         file_size: u64,
+        log: LogOutcome,
     },
     Failed(PathFailure),
     Skipped(StorePath),

@@ -31,9 +31,11 @@
 //!
 //! - `plan`: closure, the one question to the cache, and what is left to upload;
 //! - `execute`: one task per missing path, slots, ordering and the commit point;
-//! - `prepare`: turning a store path into the NAR a target wants (spooling for plain caches).
+//! - `prepare`: turning a store path into the NAR a target wants (spooling for plain caches);
+//! - `logs`: the build log of a pushed path, uploaded after its narinfo.
 
 mod execute;
+mod logs;
 mod plan;
 mod prepare;
 #[cfg(test)]
@@ -53,6 +55,7 @@ use crate::format::store_path::StorePath;
 use crate::store::{Store, StoreError};
 use crate::target::{DynTarget, TargetError};
 
+pub use logs::{LogOptions, LogOutcome};
 pub use plan::{Plan, signed_by_any};
 pub use prepare::spool_zstd;
 
@@ -83,6 +86,7 @@ pub struct Options {
     pub retry: RetryPolicy,
     /// Key names whose signature in the local store means upstream serves the path.
     pub upstream_keys: Vec<String>,
+    pub logs: LogOptions,
 }
 
 /// Uploads in flight at once: storing a NAR waits on fsync or the network, so several per
@@ -114,6 +118,10 @@ pub enum Event {
     },
     Failed {
         path: StorePath,
+        message: String,
+    },
+    /// A build log that could not be read or uploaded; its path is pushed all the same.
+    LogFailed {
         message: String,
     },
     Retrying {
@@ -185,6 +193,10 @@ pub struct Report {
     pub failed: Vec<PathFailure>,
     /// Not started because of shutdown; still to do.
     pub skipped: Vec<StorePath>,
+    /// Build logs stored in the cache.
+    pub logs_uploaded: usize,
+    /// Build logs that could not be read or uploaded, one line each.
+    pub log_failures: Vec<String>,
     pub nar_bytes: u64,
     pub file_bytes: u64,
     pub elapsed: Duration,
@@ -211,6 +223,8 @@ pub struct Pipeline {
     events: Option<mpsc::UnboundedSender<Event>>,
     /// The target is opened once, on first use, and reused by later runs (the daemon).
     opened: tokio::sync::OnceCell<()>,
+    /// A target without a place for logs is mentioned once, not per path.
+    logs_unsupported_said: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
@@ -227,6 +241,7 @@ impl Pipeline {
             opts,
             events: None,
             opened: tokio::sync::OnceCell::new(),
+            logs_unsupported_said: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -39,7 +39,7 @@ impl Plan {
 }
 
 impl Pipeline {
-    async fn open_target(&self) -> Result<(), TargetError> {
+    pub(super) async fn open_target(&self) -> Result<(), TargetError> {
         self.opened
             .get_or_try_init(|| self.retry("opening the cache", || self.target.open()))
             .await

@@ -1,15 +1,13 @@
 //! Error paths and ordering against a fake target; the proof that real caches accept the
 //! result is in the end-to-end tests.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
-
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use bytes::Bytes;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +26,8 @@ struct Fake {
     cached: BTreeSet<String>,
     /// Per path name: how put_nar answers, one error per attempt, then success.
     nar_errors: Mutex<HashMap<String, Vec<TargetError>>>,
+    /// How put_log answers, one error per attempt, then success.
+    log_errors: Mutex<Vec<TargetError>>,
 }
 
 #[async_trait]
@@ -67,6 +67,46 @@ impl Target for Fake {
             .push(format!("narinfo {}", narinfo.store_path.name()));
         Ok(())
     }
+    fn stores_logs(&self) -> bool {
+        true
+    }
+    async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), TargetError> {
+        let mut errors = self.log_errors.lock().unwrap();
+        if !errors.is_empty() {
+            return Err(errors.remove(0));
+        }
+        self.log.lock().unwrap().push(format!(
+            "log {} {}",
+            drv.name(),
+            String::from_utf8_lossy(&log)
+        ));
+        Ok(())
+    }
+}
+
+/// Makes `deriver` the deriver of the named paths and writes its build log where Nix would,
+/// bzip2-compressed, under the test pipeline's log directory.
+fn built_by(dir: &Path, names: &[&str], deriver: &str, log: &[u8]) {
+    use std::io::Write;
+    let drv = path(deriver);
+    let conn = rusqlite::Connection::open(dir.join("db.sqlite")).expect("open db");
+    for name in names {
+        conn.execute(
+            "UPDATE ValidPaths SET deriver = ?1 WHERE path = ?2",
+            rusqlite::params![drv.to_absolute(), path(name).to_absolute()],
+        )
+        .expect("set deriver");
+    }
+    let base = drv.base();
+    let sub = dir.join("logs/drvs").join(&base[..2]);
+    std::fs::create_dir_all(&sub).expect("log dir");
+    let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+    e.write_all(log).expect("compress");
+    std::fs::write(
+        sub.join(format!("{}.bz2", &base[2..])),
+        e.finish().expect("finish"),
+    )
+    .expect("write log");
 }
 
 fn path(name: &str) -> StorePath {
@@ -125,6 +165,11 @@ fn pipeline(store: Arc<Store>, fake: Arc<Fake>, dir: &Path) -> Pipeline {
                 max_delay: Duration::from_millis(5),
             },
             upstream_keys: vec!["upstream-1".into()],
+            logs: LogOptions {
+                enabled: true,
+                max_size: 1 << 20,
+                dir: dir.join("logs"),
+            },
         },
     )
 }
@@ -214,6 +259,61 @@ async fn no_upstream_keys_push_everything() {
         (0, 4),
         "{report:?}"
     );
+}
+
+#[tokio::test]
+async fn a_build_log_follows_the_narinfo_once_per_derivation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    // Two outputs of one derivation share its log.
+    built_by(
+        dir.path(),
+        &["left", "right"],
+        "lr.drv",
+        b"building left and right\n",
+    );
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["top"]).await.expect("push");
+    assert_eq!(report.logs_uploaded, 1, "{report:?}");
+    assert!(report.log_failures.is_empty(), "{report:?}");
+    let log = fake.log.lock().unwrap().clone();
+    let entry = "log lr.drv building left and right\n";
+    let at = position(&log, entry).expect("log stored");
+    assert_eq!(log.iter().filter(|l| l.starts_with("log ")).count(), 1);
+    assert!(
+        ["narinfo left", "narinfo right"]
+            .iter()
+            .any(|n| position(&log, n).is_some_and(|i| i < at)),
+        "log before any narinfo of its outputs: {log:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_log_too_large_or_refused_is_reported_and_the_path_still_pushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    built_by(dir.path(), &["base"], "base.drv", &vec![b'x'; 2 << 20]);
+    built_by(dir.path(), &["other"], "other.drv", b"fine\n");
+    fake.log_errors
+        .lock()
+        .unwrap()
+        .push(TargetError::permanent("403 Forbidden"));
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["base"]).await.expect("push");
+    assert!(report.complete() && report.pushed.len() == 1, "{report:?}");
+    assert_eq!(report.logs_uploaded, 0);
+    assert_eq!(report.log_failures.len(), 1, "{report:?}");
+    assert!(
+        report.log_failures[0].contains("max-log-size"),
+        "{report:?}"
+    );
+
+    let report = push_names(&p, &["other"]).await.expect("push");
+    assert!(report.complete() && report.pushed.len() == 1, "{report:?}");
+    assert_eq!(report.log_failures.len(), 1, "{report:?}");
+    assert!(report.log_failures[0].contains("403"), "{report:?}");
 }
 
 #[tokio::test]

@@ -55,6 +55,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
@@ -161,6 +162,17 @@ impl Target for FileTarget {
         let text = narinfo.to_string();
         let inner = self.inner.clone();
         blocking(move || inner.put_narinfo(&name, text.as_bytes())).await
+    }
+
+    fn stores_logs(&self) -> bool {
+        true
+    }
+
+    async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), TargetError> {
+        let key = super::log_key(drv);
+        let inner = self.inner.clone();
+        // Not a commit point: the directory is synced along with the next narinfo.
+        blocking(move || inner.write_atomically(&key, &log)).await
     }
 }
 

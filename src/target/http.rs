@@ -340,6 +340,15 @@ impl Target for HttpTarget {
         self.put_small(&key, "text/x-nix-narinfo", narinfo.to_string().into_bytes())
             .await
     }
+
+    fn stores_logs(&self) -> bool {
+        true
+    }
+
+    async fn put_log(&self, drv: &StorePath, log: bytes::Bytes) -> Result<(), TargetError> {
+        self.put_small(&super::log_key(drv), super::LOG_TYPE, log.to_vec())
+            .await
+    }
 }
 
 fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, TargetError> {

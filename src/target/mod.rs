@@ -12,6 +12,9 @@
 //! only after the NAR is stored and after every reference's narinfo exists. For Attic and
 //! ssh the commit is one request carrying the signed metadata and the NAR (`upload-path`,
 //! AddToStoreNar), so their `put_nar` stores nothing and `put_narinfo` streams the NAR.
+//!
+//! A build log is one more artifact, stored after the narinfo of a path it built
+//! ([`Target::put_log`]); caches with no place for logs keep the default, which says so.
 
 pub mod attic;
 pub mod file;
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
@@ -158,7 +162,29 @@ pub trait Target: Send + Sync {
 
     /// Store the narinfo: the commit point after which substituters see the path.
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
+
+    /// Whether the cache has a place for build logs ([`Target::put_log`]).
+    fn stores_logs(&self) -> bool {
+        false
+    }
+
+    /// Store the build log of `drv`, plain text, at `log/<drv basename>`, where `nix log`
+    /// looks for it. Called only when [`Target::stores_logs`] says so.
+    async fn put_log(&self, drv: &StorePath, _log: Bytes) -> Result<(), TargetError> {
+        Err(TargetError::permanent(format!(
+            "{}: this cache has no place for build logs (log of {drv})",
+            self.url()
+        )))
+    }
 }
+
+/// Where a build log goes, relative to the cache root.
+pub fn log_key(drv: &StorePath) -> String {
+    format!("log/{}", drv.base())
+}
+
+/// What Nix itself sends a build log as.
+pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
 
 pub type DynTarget = Arc<dyn Target>;
 

@@ -577,6 +577,16 @@ impl Target for S3Target {
         )
         .await
     }
+
+    fn stores_logs(&self) -> bool {
+        true
+    }
+
+    async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), TargetError> {
+        let key = self.key(&super::log_key(drv));
+        let action = format!("uploading {key}");
+        self.put_small(&key, log, super::LOG_TYPE, &action).await
+    }
 }
 
 impl S3Url {
