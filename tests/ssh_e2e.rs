@@ -440,3 +440,39 @@ fn kill_9_mid_push_leaves_only_complete_paths_and_the_next_push_finishes() {
     assert_eq!(valid_in(&remote, &top).len(), 3);
     assert_verified(&remote, &public, std::slice::from_ref(&top));
 }
+
+/// A host's store takes a path only once its references are valid there, so `upstream-keys`
+/// leaves nothing out for ssh: a closure with an upstream-signed path arrives whole.
+#[test]
+fn upstream_signed_paths_still_reach_a_hosts_store() {
+    let env = Env::new();
+    let (top, outs) = build_rich_closure(&env);
+    let (upstream_key, _) = env.keygen("ssh-upstream-1");
+    // `base` is referred to by two paths of the closure.
+    let base = outs.last().expect("base").clone();
+    run(nix("nix")
+        .args(["store", "sign", "--key-file"])
+        .arg(&upstream_key)
+        .arg(base.to_absolute()));
+    let (key, _) = env.keygen("ssh-test-1");
+    let config = env.path().join("narpost.toml");
+    std::fs::write(&config, "upstream-keys = [\"ssh-upstream-1\"]\n").expect("write config");
+    let remote = env.path().join("remote");
+    let sshd = Sshd::start(
+        env.path(),
+        "sshd",
+        &serve_command(&remote.display().to_string()),
+    );
+    let text = pushed(
+        push_cmd(&env, &sshd.url(), &key, &top)
+            .arg("--config")
+            .arg(&config),
+    );
+    let closure = nix_closure(std::slice::from_ref(&top));
+    assert_eq!(
+        valid_in(&remote.display().to_string(), &top).len(),
+        closure.len(),
+        "{text}"
+    );
+    assert!(text.contains("0 left to upstream"), "{text}");
+}

@@ -74,7 +74,11 @@ impl Pipeline {
         .map_err(|e| PipelineError::Internal(e.to_string()))??;
 
         self.open_target().await?;
-        let keys = &self.opts.upstream_keys;
+        let keys: &[String] = if self.target.leaves_upstream_paths() {
+            &self.opts.upstream_keys
+        } else {
+            &[]
+        };
         let upstream: HashSet<StorePath> = paths
             .iter()
             .filter(|p| signed_by_any(p, keys))

@@ -163,6 +163,13 @@ pub trait Target: Send + Sync {
     /// Store the narinfo: the commit point after which substituters see the path.
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
 
+    /// Whether a path this target lacks may be left to upstream (`upstream-keys`): true for
+    /// binary caches, whose readers have upstream as a substituter too; false for a Nix
+    /// store, which accepts a path only once every reference is valid in it.
+    fn leaves_upstream_paths(&self) -> bool {
+        true
+    }
+
     /// Whether the cache has a place for build logs ([`Target::put_log`]).
     fn stores_logs(&self) -> bool {
         false

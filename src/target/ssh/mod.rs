@@ -172,6 +172,10 @@ impl Target for SshTarget {
         NarFormat::Raw
     }
 
+    fn leaves_upstream_paths(&self) -> bool {
+        false
+    }
+
     async fn open(&self) -> Result<(), TargetError> {
         let live = self.lock_pool().conns.iter().any(|c| !c.is_dead());
         if live {
