@@ -56,6 +56,26 @@ let
     else
       null;
   gcRootsDir = finalSettings.gc-roots-dir or defaultGcRootsDir;
+
+  # What the daemon opens itself, which the service's ProtectHome and PrivateTmp would hide
+  # from it. (An EnvironmentFile is read by systemd, outside those.)
+  daemonOpens = lib.filterAttrs (_: lib.isString) {
+    secret-key-file = finalSettings.secret-key-file or null;
+    token-file = finalSettings.token-file or null;
+    basic-auth-file = finalSettings.basic-auth-file or null;
+    "file:// cache" = fileCacheDir;
+  };
+  hiddenBy =
+    path:
+    let
+      under = dir: path == dir || lib.hasPrefix "${dir}/" path;
+    in
+    if lib.any under [ "/home" "/root" "/run/user" ] then
+      "ProtectHome=true"
+    else if lib.any under [ "/tmp" "/var/tmp" ] then
+      "PrivateTmp=true"
+    else
+      null;
   # systemd/narpost.service's ReadWritePaths, then what this configuration adds.
   readWritePaths = [
     stateDir
@@ -145,6 +165,11 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = lib.mapAttrsToList (what: path: {
+      assertion = hiddenBy path == null;
+      message = "services.narpost: the ${what} ${path} is hidden from the daemon by its ${toString (hiddenBy path)}; keep it elsewhere, e.g. under /var/lib.";
+    }) daemonOpens;
+
     warnings = lib.mapAttrsToList (
       key: value:
       "services.narpost.settings.${key} = ${builtins.toJSON value} is overridden by a typed services.narpost option (${builtins.toJSON typed.${key}})."

@@ -160,7 +160,8 @@ fn disabled_module_defines_nothing() {
 
 #[test]
 fn enabled_module_hooks_nix_and_runs_the_daemon() {
-    let secrets = tempfile::tempdir().unwrap();
+    // Not below /tmp, which the service hides from the daemon (an assertion says so).
+    let secrets = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let marker = format!("SECRET-MARKER-{}", common::nonce());
     let key = secrets.path().join("cache.example.org-1.sec");
     let token = secrets.path().join("token");
@@ -209,6 +210,7 @@ fn enabled_module_hooks_nix_and_runs_the_daemon() {
         "{warnings}"
     );
     assert_eq!(e.json["environment"]["systemPackages"], json!([pkg]));
+    assert_eq!(e.json["failedAssertions"], json!([]));
 
     // The module names the secrets; it never reads them.
     assert!(
@@ -294,6 +296,38 @@ fn secrets_that_would_land_in_the_store_are_refused() {
             "{option} = {value}: {err}"
         );
     }
+}
+
+#[test]
+fn paths_the_service_would_hide_from_the_daemon_fail_an_assertion() {
+    let e = eval_ok(narpost(json!({
+        "enable": true,
+        "cache": "file:///tmp/cache",
+        "secretKeyFile": "/home/alice/cache.sec",
+        "settings": { "basic-auth-file": "/root/basic" },
+        // systemd reads it, not the daemon.
+        "environmentFile": "/root/aws.env",
+    })));
+    let mut failed: Vec<String> =
+        serde_json::from_value(e.json["failedAssertions"].clone()).unwrap();
+    failed.sort();
+    assert_eq!(
+        failed,
+        [
+            "services.narpost: the basic-auth-file /root/basic is hidden from the daemon by its \
+             ProtectHome=true; keep it elsewhere, e.g. under /var/lib.",
+            "services.narpost: the file:// cache /tmp/cache is hidden from the daemon by its \
+             PrivateTmp=true; keep it elsewhere, e.g. under /var/lib.",
+            "services.narpost: the secret-key-file /home/alice/cache.sec is hidden from the daemon \
+             by its ProtectHome=true; keep it elsewhere, e.g. under /var/lib.",
+        ]
+    );
+    let e = eval_ok(narpost(json!({
+        "enable": true,
+        "cache": "file:///homework/cache",
+        "secretKeyFile": "/var/lib/narpost-keys/cache.sec",
+    })));
+    assert_eq!(e.json["failedAssertions"], json!([]));
 }
 
 #[test]
@@ -669,6 +703,7 @@ fn readme_nixos_example_evaluates_to_a_builder_and_its_consumers() {
         "{builder}"
     );
     for (name, machine) in machines {
+        assert_eq!(machine["failedAssertions"], json!([]), "{name}");
         assert_eq!(machine["substituters"], builder["substituters"], "{name}");
         assert_eq!(
             machine["trusted-public-keys"], builder["trusted-public-keys"],

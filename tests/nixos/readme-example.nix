@@ -63,5 +63,6 @@ lib.mapAttrs (
       else
         null;
     hook = c.nix.settings.post-build-hook or null;
+    failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
   }
 ) outputs.nixosConfigurations
