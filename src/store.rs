@@ -527,7 +527,7 @@ fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, StoreError> {
             _ => serde_json::from_slice::<Vec<CliPathInfo>>(json)
                 .map_err(unexpected)?
                 .into_iter()
-                .map(|row| (row.path.clone().unwrap_or_default(), Some(row)))
+                .map(|mut row| (row.path.take().unwrap_or_default(), Some(row)))
                 .collect(),
         };
     let bad = |what: &str, p: &str| StoreError::NixCli(format!("{p}: unexpected {what}"));
