@@ -421,6 +421,42 @@ fn bad_targets_and_inputs_get_one_line_naming_the_file() {
     );
     assert_eq!(snapshot(r), before);
 
+    // Below --root, a linked directory could lead out of it (here: to another temp dir).
+    let root = new_root(None);
+    let r = root.path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), r.join("etc")).unwrap();
+    let out = setup(r, &["--cache", "https://c.example", "--key-name", "k-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}: is a symlink; with --root",
+            r.join("etc").display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    assert!(!r.join("usr").exists());
+
+    let root = new_root(None);
+    let r = root.path();
+    fs::create_dir_all(r.join("usr/local")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), r.join("usr/local/bin")).unwrap();
+    for args in [
+        &["--cache", "https://c.example", "--key-name", "k-1"][..],
+        &["--undo"],
+    ] {
+        let out = setup(r, args);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            stderr(&out).contains("bin: is a symlink; with --root"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
     // NixOS generates its nix.conf.
     let root = new_root(None);
     let r = root.path();

@@ -30,6 +30,12 @@ pub fn check_target(root: &Path, path: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
+    check_ancestors(root, path)
+}
+
+/// Below a root other than `/`, refuses a path behind a linked directory, which could lead
+/// out of the root.
+pub fn check_ancestors(root: &Path, path: &Path) -> anyhow::Result<()> {
     if root != Path::new("/") {
         let mut dir = path.parent();
         while let Some(d) = dir {

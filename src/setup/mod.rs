@@ -177,6 +177,14 @@ fn observe(root: &Path, args: &SetupArgs) -> anyhow::Result<Observed> {
     for p in [plan::NIX_CONF, plan::CONFIG, plan::UNIT, plan::DROP_IN] {
         check_target(root, &host(p))?;
     }
+    // Binaries may be links (to this very binary); the cache directory is only created.
+    let cache_dir = args.cache.as_deref().and_then(plan::file_cache_dir);
+    for p in [host(plan::NARPOST), host(plan::HOOK)]
+        .into_iter()
+        .chain(cache_dir.map(|d| under(root, &d)))
+    {
+        apply::check_ancestors(root, &p)?;
+    }
     let narpost_exe = std::env::current_exe().context("cannot tell where this narpost is")?;
     let hook_exe = narpost_exe.with_file_name("narpost-hook");
     if !args.undo && !hook_exe.is_file() {
