@@ -179,11 +179,12 @@ fn observe(root: &Path, args: &SetupArgs) -> anyhow::Result<Observed> {
     }
     // Binaries may be links (to this very binary); the cache directory is only created.
     let cache_dir = args.cache.as_deref().and_then(plan::file_cache_dir);
+    let cache_dir = cache_dir.map(|d| under(root, &d));
     for p in [host(plan::NARPOST), host(plan::HOOK)]
-        .into_iter()
-        .chain(cache_dir.map(|d| under(root, &d)))
+        .iter()
+        .chain(cache_dir.as_ref())
     {
-        apply::check_ancestors(root, &p)?;
+        apply::check_ancestors(root, p)?;
     }
     let narpost_exe = std::env::current_exe().context("cannot tell where this narpost is")?;
     let hook_exe = narpost_exe.with_file_name("narpost-hook");
@@ -194,11 +195,6 @@ fn observe(root: &Path, args: &SetupArgs) -> anyhow::Result<Observed> {
         );
     }
     let nix_conf = read_optional(&host(plan::NIX_CONF))?;
-    let cache_dir_exists = args
-        .cache
-        .as_deref()
-        .and_then(plan::file_cache_dir)
-        .is_some_and(|d| under(root, &d).is_dir());
     Ok(Observed {
         root: root.to_path_buf(),
         narpost_bin: bin_state(root, &narpost_exe, &host(plan::NARPOST), args.undo)?,
@@ -215,7 +211,7 @@ fn observe(root: &Path, args: &SetupArgs) -> anyhow::Result<Observed> {
         config: read_optional(&host(plan::CONFIG))?,
         unit: read_optional(&host(plan::UNIT))?,
         drop_in: read_optional(&host(plan::DROP_IN))?,
-        cache_dir_exists,
+        cache_dir_exists: cache_dir.is_some_and(|d| d.is_dir()),
         services: if root == Path::new("/") && Path::new("/run/systemd/system").is_dir() {
             Some(services())
         } else {
