@@ -18,6 +18,7 @@
 //! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
 //! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
 //! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
+//! priority = "idle"                         # or "normal"; default idle for the daemon and watchers, normal for push
 //! ```
 //!
 //! Secrets are only ever read from files or the environment, never from the command line,
@@ -27,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::priority::Priority;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/narpost";
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/narpost/narpost.toml";
@@ -71,6 +74,7 @@ struct FileConfig {
     upstream_keys: Option<Vec<String>>,
     upload_logs: Option<bool>,
     max_log_size: Option<u64>,
+    priority: Option<Priority>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -100,6 +104,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long an HTTP connection may make no progress before it counts as hung.
     pub http_timeout: Duration,
+    /// `priority` or `NARPOST_PRIORITY`; `None` leaves it to the command.
+    pub priority: Option<Priority>,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
     /// Key names whose signature in the local store means upstream serves the path.
@@ -198,10 +204,19 @@ impl Config {
             })?,
             None => file.max_log_size.unwrap_or(DEFAULT_MAX_LOG_SIZE),
         };
+        let priority = match env("NARPOST_PRIORITY") {
+            Some(v) => Some(v.parse().map_err(|reason| ConfigError::Env {
+                var: "NARPOST_PRIORITY",
+                value: v.clone(),
+                reason,
+            })?),
+            None => file.priority,
+        };
         Ok(Config {
             upstream_keys,
             upload_logs,
             max_log_size,
+            priority,
             cache,
             cache_is_default,
             key_file,

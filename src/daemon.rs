@@ -84,6 +84,9 @@ pub struct DrainState {
     pub cache_down_since: Option<u64>,
 }
 
+/// How long [`DrainLock::acquire`] waits for a holder that is exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 pub const STATE_FILE: &str = "drain-state.json";
 pub const LOCK_FILE: &str = "drain.lock";
 /// Compressed NARs of the drainer's uploads under way; only the lock holder writes here.
@@ -102,7 +105,7 @@ pub struct DrainLock {
 }
 
 impl DrainLock {
-    pub fn acquire(state_dir: &Path) -> anyhow::Result<DrainLock> {
+    pub async fn acquire(state_dir: &Path) -> anyhow::Result<DrainLock> {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("{}: cannot create state directory", state_dir.display()))?;
         let path = state_dir.join(LOCK_FILE);
@@ -112,16 +115,29 @@ impl DrainLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open lock file", path.display()))?;
-        match rustix::fs::flock(
-            file.as_fd(),
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        ) {
-            Ok(()) => Ok(DrainLock { _file: file }),
-            Err(_) => anyhow::bail!(
+        // A predecessor killed a moment ago (with its original process, see
+        // crate::priority) may still be exiting: give it a moment to let go.
+        let mut wait = LOCK_WAIT;
+        let locked = loop {
+            match rustix::fs::flock(
+                file.as_fd(),
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => break true,
+                Err(_) if !wait.is_zero() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    wait = wait.saturating_sub(Duration::from_millis(20));
+                }
+                Err(_) => break false,
+            }
+        };
+        if !locked {
+            anyhow::bail!(
                 "{}: another narpost daemon or watcher is already draining this queue\nhint: stop it, or give this one its own --state-dir",
                 state_dir.display()
-            ),
+            );
         }
+        Ok(DrainLock { _file: file })
     }
 
     /// Whether some process holds the lock now (for `status`).
@@ -797,7 +813,7 @@ pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
 }
 
 pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
-    let _lock = DrainLock::acquire(&cfg.state_dir)?;
+    let _lock = DrainLock::acquire(&cfg.state_dir).await?;
     let mut drainer = Drainer::new(&cfg)?;
     let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
     let stop = CancellationToken::new();

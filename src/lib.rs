@@ -17,6 +17,7 @@
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
 //! - [`failed_builds`]: uploads the build logs of failed builds for the watchers.
+//! - [`priority`]: yielding the CPU and the disk to builds (sessions, autogroups, nice, I/O class).
 //! - [`status`]: what `narpost status` reports.
 //! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
@@ -36,6 +37,7 @@ pub mod format;
 pub mod hook;
 pub mod keys;
 pub mod pipeline;
+pub mod priority;
 pub mod progress;
 pub mod queue;
 pub mod setup;

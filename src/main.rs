@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use narpost::cli::{Cli, Command};
 use narpost::config::{Config, Overrides};
 use narpost::pipeline::RetryPolicy;
+use narpost::priority::Priority;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -87,6 +88,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|p| narpost::app::resolve_store_path(p))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            // Someone waits for a push, so it yields only when configured to.
+            narpost::priority::enter(cfg.priority.unwrap_or(Priority::Normal), None);
             runtime()?.block_on(push(cfg, roots, !no_closure))
         }
         Command::Daemon {
@@ -94,8 +97,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drain_timeout,
         } => {
             let cfg = load(target.overrides(drain_timeout))?;
+            narpost::priority::enter(cfg.priority.unwrap_or(Priority::Idle), None);
             let rt = runtime()?;
-            let result = rt.block_on(narpost::daemon::run_daemon(cfg));
+            let result = rt.block_on(async {
+                narpost::priority::restore_on_stop_signal()?;
+                narpost::daemon::run_daemon(cfg).await
+            });
             // A NAR still being compressed on a blocking thread must not hold the exit past
             // the drain timeout; its spool file is removed at the next start.
             rt.shutdown_background();
@@ -110,8 +117,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = load(target.overrides(drain_timeout))?;
             let opts = narpost::watch::WatchOptions { all, include_drv };
+            narpost::priority::enter(cfg.priority.unwrap_or(Priority::Idle), None);
             let rt = runtime()?;
-            let result = rt.block_on(narpost::watch::watch_store(cfg, opts));
+            let result = rt.block_on(async {
+                narpost::priority::restore_on_stop_signal()?;
+                narpost::watch::watch_store(cfg, opts).await
+            });
             // As for the daemon: a compression still running must not outlast the deadline.
             rt.shutdown_background();
             result?;
@@ -128,6 +139,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 all: false,
                 include_drv,
             };
+            // The command runs at the priority narpost was started with (see priority).
+            narpost::priority::enter(cfg.priority.unwrap_or(Priority::Idle), Some(&command));
             let rt = runtime()?;
             let result = rt.block_on(narpost::watch::watch_exec(cfg, opts, command));
             rt.shutdown_background();

@@ -346,7 +346,7 @@ async fn setup(
     cfg: &Config,
     opts: WatchOptions,
 ) -> anyhow::Result<(DrainLock, Drainer, Arc<Mutex<Finder>>)> {
-    let lock = DrainLock::acquire(&cfg.state_dir)?;
+    let lock = DrainLock::acquire(&cfg.state_dir).await?;
     let drainer = Drainer::new(cfg)?;
     let store = Arc::new(Store::open_default()?);
     let queue = drainer.queue().clone();
@@ -608,7 +608,7 @@ pub async fn watch_exec(
     let logs_stop = CancellationToken::new();
     let logs = watch_failed_builds(&cfg, &drainer, logs_stop.clone());
 
-    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+    let mut child = match crate::priority::spawn_command(program, args).await {
         Ok(c) => c,
         Err(e) => {
             find_stop.cancel();
@@ -636,12 +636,8 @@ pub async fn watch_exec(
         let status = loop {
             tokio::select! {
                 s = child.wait() => break s,
-                sig = signals.recv() => {
-                    // The command decides how to stop; its exit code is the one returned.
-                    if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
-                        let _ = rustix::process::kill_process(pid, sig);
-                    }
-                }
+                // The command decides how to stop; its exit code is the one returned.
+                sig = signals.recv() => child.signal(sig).await,
                 r = &mut live, if !live_done => {
                     live_done = true;
                     if let Err(e) = r {
@@ -653,6 +649,8 @@ pub async fn watch_exec(
         // One deadline from the command's exit on, covering uploads under way and what is
         // still queued.
         let deadline = Instant::now() + cfg.drain_timeout;
+        // The caller now waits for the uploads, which are bounded by that deadline.
+        let _ = tokio::task::spawn_blocking(crate::priority::restore).await;
         live_stop.cancel();
         if !live_done && let Err(e) = live.await {
             eprintln!("narpost: {e:#}");

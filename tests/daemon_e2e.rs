@@ -275,10 +275,20 @@ impl Daemon {
         start.elapsed()
     }
 
-    /// CPU time (user + system) the daemon has used so far, in clock ticks.
-    fn cpu_ticks(&self) -> u64 {
-        let stat =
-            fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read /proc/PID/stat");
+    /// CPU time (user + system) the drainer has used so far, in clock ticks (the process
+    /// started may only supervise the one that drains, see narpost::priority).
+    fn cpu_ticks(&self, env: &Env) -> u64 {
+        let mut pid = None;
+        wait_until(
+            "the daemon to publish its drain state",
+            Duration::from_secs(10),
+            || {
+                pid = drainer_pid(&env.state());
+                pid.is_some()
+            },
+        );
+        let pid = pid.expect("a drainer pid");
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
         // Fields after the command name (which is in parentheses and may contain spaces).
         let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
         let fields: Vec<&str> = rest.split(' ').collect();
@@ -631,7 +641,7 @@ fn cache_down_builds_succeed_and_the_daemon_drains_when_it_is_back() {
 
     nginx.stop();
     let mut daemon = Daemon::start(&env, &nginx.url(), &key, 30);
-    let ticks_before = daemon.cpu_ticks();
+    let ticks_before = daemon.cpu_ticks(&env);
     let outage = Instant::now();
     // Fifty builds in five nix-build runs, every one succeeding while the cache is down.
     let mut built = BTreeSet::new();
@@ -681,7 +691,7 @@ fn cache_down_builds_succeed_and_the_daemon_drains_when_it_is_back() {
     assert!(text.contains("cache down:"), "{text}");
 
     // No hot loop, no log flood: one line for the outage, little CPU.
-    let ticks = daemon.cpu_ticks() - ticks_before;
+    let ticks = daemon.cpu_ticks(&env) - ticks_before;
     let log = daemon.log();
     assert_eq!(
         log.matches("fail: ").count(),
@@ -866,15 +876,35 @@ fn sigterm_mid_upload_exits_within_the_drain_timeout_and_keeps_the_path_queued()
     assert_eq!(queued_paths(&env.state()), big.iter().cloned().collect());
     let cache = nginx.cache();
 
-    let mut daemon = Daemon::start(&env, &slow.url(), &key, 2);
+    // The default priority, idle.
+    let mut daemon = Daemon::start_with(&env, &slow.url(), &key, 2, |c| {
+        c.env_remove("NARPOST_PRIORITY");
+    });
     wait_for(
         &daemon,
         "the upload to be under way",
         Duration::from_secs(20),
         || slow.sent.load(Ordering::Relaxed) > 1 << 20,
     );
-    let took = daemon.stop(Duration::from_secs(10));
+    // Uploading at idle priority; on SIGTERM the upload under way goes on at the priority
+    // the daemon was started with, so a busy machine cannot hold it past the deadline.
+    let me = Sched::of(std::process::id());
+    let drainer = drainer_pid(&env.state()).expect("the drainer's pid");
+    Sched::of(drainer).assert_idle("the daemon uploading");
+    let start = Instant::now();
+    daemon.signal(rustix::process::Signal::TERM);
+    wait_until(
+        "the drainer back at normal priority",
+        Duration::from_millis(1500),
+        || {
+            let now = Sched::of(drainer);
+            (now.nice, now.autogroup_nice(), &now.io) == (me.nice, 0, &me.io)
+        },
+    );
+    let status = daemon.wait(Duration::from_secs(10));
+    let took = start.elapsed();
     let log = daemon.log();
+    assert!(status.success(), "{status}:\n{log}");
     assert!(
         took < Duration::from_millis(4000),
         "SIGTERM with a drain timeout of 2 s took {took:?}:\n{log}"

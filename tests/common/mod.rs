@@ -125,6 +125,10 @@ impl Env {
         let mut cmd = narpost_command();
         cmd.env("NIX_CONFIG", NIX_CONFIG);
         cmd.env("NARPOST_GC_ROOTS_DIR", self.path().join("gcroots"));
+        // At idle priority narpost waits for a free CPU, and a test machine running other
+        // builds may have none for seconds: tests that time narpost run it at normal
+        // priority, and the priority tests ask for the default by removing this.
+        cmd.env("NARPOST_PRIORITY", "normal");
         cmd.arg("--state-dir").arg(self.state());
         cmd
     }
@@ -887,4 +891,90 @@ pub fn nix_version() -> (u32, u32) {
 /// it empty (so the hook reads them from the `.drv`); Nix 2.26 fills it.
 pub fn nix_fills_out_paths() -> bool {
     nix_version() > (2, 8)
+}
+
+/// The pid of the process draining `state` (the one that publishes the drain state); a
+/// narpost that lowered its priority drains in a process of its own.
+pub fn drainer_pid(state: &Path) -> Option<u32> {
+    let text = fs::read_to_string(state.join("drain-state.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["pid"].as_u64().map(|p| p as u32)
+}
+
+/// How a process is scheduled and where it sits, from /proc and `ionice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sched {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgrp: u32,
+    pub session: u32,
+    pub tty: u64,
+    /// The terminal's foreground process group.
+    pub tpgid: i64,
+    pub nice: i32,
+    /// `/proc/PID/autogroup`: `/autogroup-N nice M`.
+    pub autogroup: String,
+    /// `ionice -p PID`: `none: prio 0`, `idle`, ...
+    pub io: String,
+}
+
+impl Sched {
+    /// The process `pid` as it is now.
+    pub fn of(pid: u32) -> Sched {
+        let read = |f: &str| {
+            fs::read_to_string(format!("/proc/{pid}/{f}"))
+                .unwrap_or_else(|e| panic!("read /proc/{pid}/{f}: {e}"))
+        };
+        let io = stdout(&run(Command::new("ionice").args(["-p", &pid.to_string()])));
+        Sched::parse(&read("stat"), &read("autogroup"), &io)
+    }
+
+    /// From a `/proc/PID/stat` line, `/proc/PID/autogroup` and `ionice -p PID`.
+    pub fn parse(stat: &str, autogroup: &str, io: &str) -> Sched {
+        // Fields after the command name (in parentheses, which may contain spaces); the
+        // first of them is field 3, the state.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| f[n - 3];
+        Sched {
+            pid: stat
+                .split(' ')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("pid"),
+            ppid: field(4).parse().expect("ppid"),
+            pgrp: field(5).parse().expect("pgrp"),
+            session: field(6).parse().expect("session"),
+            tty: field(7).parse().expect("tty_nr"),
+            tpgid: field(8).parse().expect("tpgid"),
+            nice: field(19).parse().expect("nice"),
+            autogroup: autogroup.trim().to_string(),
+            io: io.trim().to_string(),
+        }
+    }
+
+    /// The process state letter (`S`, `R`, `T` stopped, `Z` zombie), or `None` once gone.
+    pub fn state(pid: u32) -> Option<char> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].chars().next()
+    }
+
+    pub fn autogroup_nice(&self) -> i32 {
+        self.autogroup
+            .rsplit_once("nice ")
+            .and_then(|(_, n)| n.parse().ok())
+            .expect("autogroup nice")
+    }
+
+    /// Lowered as narpost lowers its uploads: its own session, nice 19 for it and its
+    /// autogroup, the idle I/O class.
+    pub fn assert_idle(&self, what: &str) {
+        assert!(
+            self.session == self.pid
+                && self.nice == 19
+                && self.autogroup_nice() == 19
+                && self.io == "idle",
+            "{what} is not at idle priority in a session of its own: {self:?}"
+        );
+    }
 }
