@@ -212,6 +212,17 @@ in
         TimeoutStopSec = "45s";
         KillSignal = "SIGTERM";
 
+        # Uploads never slow a build: the cgroup weight decides the CPU share ("idle" needs
+        # systemd 252; older systemd rejects it with a warning and keeps the weight before
+        # it), nice and the I/O class cover kernels without the cpu controller.
+        CPUWeight = [
+          "1"
+          "idle"
+        ];
+        Nice = "19";
+        IOSchedulingClass = "idle";
+        IOWeight = "1";
+
         # Reads the store and its database, writes only its state, its GC roots and a
         # file:// cache. The database directory stays writable because SQLite readers of a
         # WAL database map its `-shm` file.
