@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use narpost::format::store_path::StorePath;
@@ -669,17 +669,29 @@ fn a_hung_cache_holds_watch_exec_for_the_drain_timeout_only() {
         ),
     );
     let hung = format!("http://127.0.0.1:{}", canned_server(b"", true));
-    let started = Instant::now();
+    // The drain starts when the command ends, so the clock starts there too: the build's own
+    // time varies with the machine's load and says nothing about the drain timeout.
+    let ended = env.path().join("command-ended");
     let out = env
         .narpost()
         .args(["watch-exec", "--drain-timeout", "3", "--to", &hung, "--key"])
         .arg(&key)
-        .args(["--", "nix-build"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            r#"nix-build "$1" --no-out-link; rc=$?; : > "$2"; exit $rc"#,
+            "sh",
+        ])
         .arg(&file)
-        .arg("--no-out-link")
+        .arg(&ended)
         .output()
         .expect("run narpost watch-exec");
-    let took = started.elapsed();
+    let finished = SystemTime::now();
+    let ended_at = fs::metadata(&ended)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: the command did not finish: {e}", ended.display()));
+    let took = finished.duration_since(ended_at).unwrap_or_default();
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
