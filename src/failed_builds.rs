@@ -60,7 +60,16 @@ fn log_events(
     std::fs::create_dir_all(&drvs)
         .with_context(|| format!("{}: cannot create the build log directory", drvs.display()))?;
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        let Ok(ev) = res else { return };
+        // Writes only: reading a log (ours, `nix log`) must not make it a candidate again.
+        let written = matches!(
+            ev.kind,
+            EventKind::Create(_)
+                | EventKind::Modify(_)
+                | EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
+        if written {
             for p in ev.paths {
                 let _ = tx.send(p);
             }

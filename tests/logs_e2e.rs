@@ -6,6 +6,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use narpost::format::store_path::StorePath;
@@ -188,6 +189,54 @@ fn a_failing_build_under_watch_exec_leaves_its_log_in_the_cache() {
         .arg(drv.to_absolute())));
     assert!(printed.contains(&marker), "nix log printed:\n{printed}");
     assert_no_local_log(&fresh, &drv);
+}
+
+#[test]
+fn watch_store_uploads_a_failed_builds_log_while_it_runs() {
+    let env = Env::new();
+    let marker = format!("why-{}", nonce());
+    let expr = format!(
+        r#"{prelude}{{
+  bad = mk "narpost-log-bad-ws" ''
+    echo "linking, then: {marker}" >&2
+    exit 1
+  '';
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let file = env.write_nix("bad.nix", &expr);
+    let drv = StorePath::from_absolute(
+        stdout(&run(nix("nix-instantiate").arg(&file).args(["-A", "bad"]))).trim(),
+    )
+    .expect("a derivation");
+    let (key, _) = env.keygen("test-logs-1");
+    let cache = env.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let mut watcher = Background::spawn(
+        env.narpost()
+            .args(["watch-store", "--to", &url, "--key"])
+            .arg(&key),
+        &env.path().join("watch-store.log"),
+        "narpost watch-store",
+    );
+    watcher.wait_for_output("watching", Duration::from_secs(30));
+
+    let out = nix("nix-build")
+        .arg(&file)
+        .args(["-A", "bad", "--no-out-link"])
+        .output()
+        .expect("run nix-build");
+    assert!(!out.status.success(), "the build must fail");
+    let log = cache.join("log").join(drv.base());
+    wait_until(
+        "the failed build's log in the cache",
+        Duration::from_secs(30),
+        || fs::read_to_string(&log).is_ok_and(|t| t.contains(&marker)),
+    );
+    watcher.assert_running();
+    let (status, text) = watcher.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{text}");
 }
 
 /// The fresh store must have got the log from the cache, not from a log directory of its own.
