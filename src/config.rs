@@ -389,6 +389,26 @@ mod tests {
     }
 
     #[test]
+    fn upstream_keys_and_log_settings_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("narpost.toml");
+        let load = |text: &str| {
+            std::fs::write(&cfg, text).unwrap();
+            Config::load(Some(&cfg), Some(dir.path().into()), Overrides::default()).unwrap()
+        };
+        let c = load("");
+        assert_eq!(c.upstream_keys, ["cache.nixos.org-1"]);
+        assert!(c.upload_logs);
+        assert_eq!(c.max_log_size, DEFAULT_MAX_LOG_SIZE);
+        let c = load("upstream-keys = []\nupload-logs = false\nmax-log-size = 1000\n");
+        assert!(c.upstream_keys.is_empty());
+        assert!(!c.upload_logs);
+        assert_eq!(c.max_log_size, 1000);
+        let c = load("upstream-keys = [\"a-1\", \"b-1\"]\n");
+        assert_eq!(c.upstream_keys, ["a-1", "b-1"]);
+    }
+
+    #[test]
     fn unknown_keys_are_reported_with_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("narpost.toml");

@@ -506,6 +506,41 @@ fn upstream_signed_paths_are_left_upstream_and_the_closure_still_substitutes() {
         .arg(high.to_absolute()))));
     assert_eq!(got.len(), 3, "{got:?}");
 
+    // The daemon counts what it left to upstream, and `status` says so while it runs.
+    let daemon_cache = env.path().join("daemon-cache");
+    fs::write(
+        &config,
+        format!(
+            "cache = \"file://{}\"\nsecret-key-file = \"{}\"\nupstream-keys = [\"test-upstream-1\"]\n",
+            daemon_cache.display(),
+            key.display()
+        ),
+    )
+    .expect("write config");
+    hook_with_config(&env, &config, std::slice::from_ref(&high));
+    let daemon = spawn_with_config(&env, &mut env.narpost(), &config, "daemon");
+    let daemon_dir = CacheDir::new(&daemon_cache).with_upstream(&["test-upstream-1"]);
+    let status = || {
+        stdout(&run(env
+            .narpost()
+            .arg("--config")
+            .arg(&config)
+            .arg("status")))
+    };
+    // The counts are published after the pass that pushed the chain.
+    wait_until(
+        "status saying what the daemon left to upstream",
+        Duration::from_secs(30),
+        || {
+            daemon_dir.has(&high)
+                && status().contains("upstream:     1 paths left to upstream since start")
+        },
+    );
+    assert_eq!(queue_depth(&env, &config), 0);
+    assert!(!daemon_dir.has(&mid));
+    daemon_dir.assert_complete();
+    daemon.terminate(Duration::from_secs(30));
+
     // `upstream-keys = []` pushes everything.
     fs::write(&config, "upstream-keys = []\n").expect("write config");
     let all = env.path().join("all");
