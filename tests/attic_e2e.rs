@@ -382,21 +382,33 @@ fn paths_signed_by_an_upstream_key_are_skipped_and_api_endpoint_is_honoured() {
         .args(["store", "sign", "--key-file"])
         .arg(&upstream_key)
         .arg(base.to_absolute()));
+    // `right` is signed by a key only narpost's own `upstream-keys` names: both lists apply.
+    let right = outs[2].clone();
+    let (ours_key, _) = env.keygen("ours-upstream-1");
+    run(nix("nix")
+        .args(["store", "sign", "--key-file"])
+        .arg(&ours_key)
+        .arg(right.to_absolute()));
+    let config = env.path().join("narpost.toml");
+    fs::write(&config, "upstream-keys = [\"ours-upstream-1\"]\n").expect("write config");
     let (key, _) = env.keygen("client-4");
     let token = write_secret(&env, "token", "t");
 
     let text = pushed(
         push_cmd(&env, &server.url("main"), &key, &top)
             .arg("--token-file")
-            .arg(&token),
+            .arg(&token)
+            .arg("--config")
+            .arg(&config),
     );
+    assert!(text.contains("1 left to upstream"), "{text}");
     let got: BTreeSet<StorePath> = uploaded_paths(&server.uploads()).into_iter().collect();
     let want: BTreeSet<StorePath> = nix_closure(std::slice::from_ref(&top))
         .into_iter()
-        .filter(|p| *p != base)
+        .filter(|p| *p != base && *p != right)
         .collect();
     assert_eq!(got, want, "{text}");
-    let present: BTreeSet<String> = [base.base().to_string()].into();
+    let present: BTreeSet<String> = [base.base().to_string(), right.base().to_string()].into();
     assert!(order_problems(&server.uploads(), &present).is_empty());
     // Every API call after cache-config went where cache-config said.
     for l in server.log() {
