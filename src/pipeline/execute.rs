@@ -129,7 +129,7 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(drv.clone());
-            if first && let Ok(_slot) = slots.1.clone().acquire_owned().await {
+            if first {
                 *log = self.upload_log(drv).await;
             }
         }

@@ -75,6 +75,9 @@ impl Pipeline {
                 e.message
             ));
         }
+        let Ok(_slot) = self.log_slots.acquire().await else {
+            return LogOutcome::NotUploaded;
+        };
         let dir = opts.dir.clone();
         let limit = opts.max_size;
         let drv2 = drv.clone();
@@ -92,8 +95,11 @@ impl Pipeline {
         };
         let bytes = log.len() as u64;
         let log = Bytes::from(log);
+        // One retry at most: the path is published already, and a push should not wait
+        // minutes on a cache that takes NARs but hangs on logs.
         match self
-            .retry(
+            .retry_times(
+                self.opts.retry.retries.min(1),
                 &format!("uploading the build log of {}", drv.to_absolute()),
                 || self.target.put_log(drv, log.clone()),
             )

@@ -89,6 +89,9 @@ pub struct Options {
     pub logs: LogOptions,
 }
 
+/// Build logs read and uploaded at once.
+const LOG_SLOTS: usize = 2;
+
 /// Uploads in flight at once: storing a NAR waits on fsync or the network, so several per
 /// core keep the cores busy; bounded so that spooled NARs never pile up on disk.
 pub fn upload_slots(jobs: usize) -> usize {
@@ -225,6 +228,8 @@ pub struct Pipeline {
     opened: tokio::sync::OnceCell<()>,
     /// A target without a place for logs is mentioned once, not per path.
     logs_unsupported_said: std::sync::atomic::AtomicBool,
+    /// Logs are held in memory while they go up (up to `max-log-size` each): a few at once.
+    log_slots: tokio::sync::Semaphore,
 }
 
 impl Pipeline {
@@ -242,6 +247,7 @@ impl Pipeline {
             events: None,
             opened: tokio::sync::OnceCell::new(),
             logs_unsupported_said: std::sync::atomic::AtomicBool::new(false),
+            log_slots: tokio::sync::Semaphore::new(LOG_SLOTS),
         }
     }
 
@@ -280,11 +286,25 @@ impl Pipeline {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, TargetError>>,
     {
+        self.retry_times(self.opts.retry.retries, what, op).await
+    }
+
+    /// [`Pipeline::retry`] with at most `retries` retries.
+    async fn retry_times<T, F, Fut>(
+        &self,
+        retries: usize,
+        what: &str,
+        op: F,
+    ) -> Result<T, TargetError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, TargetError>>,
+    {
         let policy = &self.opts.retry;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(policy.min_delay)
             .with_max_delay(policy.max_delay)
-            .with_max_times(policy.retries)
+            .with_max_times(retries)
             .with_jitter();
         op.retry(backoff)
             .sleep(tokio::time::sleep)

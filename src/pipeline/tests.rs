@@ -317,6 +317,23 @@ async fn a_log_too_large_or_refused_is_reported_and_the_path_still_pushed() {
 }
 
 #[tokio::test]
+async fn a_failing_log_upload_is_retried_once_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    built_by(dir.path(), &["other"], "other.drv", b"fine\n");
+    *fake.log_errors.lock().unwrap() = (0..3)
+        .map(|_| TargetError::transient("504 Gateway Timeout"))
+        .collect();
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["other"]).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(report.log_failures.len(), 1, "{report:?}");
+    // Two attempts took two of the three errors.
+    assert_eq!(fake.log_errors.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn cached_paths_are_counted_and_not_uploaded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = Arc::new(Fake {
