@@ -12,16 +12,22 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
                 - 2-core limit            (`nix-store --dump` of every path into one `zstd -3 -T2`)
                 - narpost push to S3      (s3s-fs on 127.0.0.1 via benches/s3-server, a fresh
                                            bucket per run)
+                over ssh: a real sshd on 127.0.0.1, a fresh chroot store per run as the remote
+                (`remote-store=`), NIX_SSHOPTS giving both the port, key and host key
+                - narpost push            (ssh://root@127.0.0.1?remote-store=...)
+                - nix copy --to ssh://    (the same URL; it signs nothing, narpost signs)
   tiny paths    1,000 store paths of one small file each
                 - narpost push, nix copy
 
 Peak RSS is each command's maximum resident set (of the process tree, from wait4).
-Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny]
+Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny] [--skip-s3]
+       [--skip-ssh] [--ssh-only]
 """
 
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -144,6 +150,8 @@ def main():
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--skip-ssh", action="store_true")
+    ap.add_argument("--ssh-only", action="store_true", help="only the big closure over ssh")
     ap.add_argument("--tiny-count", type=int, default=1000)
     args = ap.parse_args()
     narpost = os.path.abspath(args.narpost)
@@ -180,6 +188,13 @@ def main():
             size = sum(nar_size([p]) for p in paths)
             quoted = " ".join(paths)
             group = f"big closure ({len(paths)} paths, {human(size)} NAR)"
+            if not args.skip_ssh:
+                ssh_group = f"big closure over ssh ({len(paths)} paths)"
+                for name, t, m in ssh_runs(args.runs, narpost, state, key, top, scratch):
+                    rows.append((ssh_group, name, t, m, size))
+            if args.ssh_only:
+                print_table(rows)
+                return
             n_t, n_m = median_run(args.runs, narpost_cmd([top]), scratch)
             c_t, c_m = median_run(args.runs, nix_copy_cmd([top]), scratch)
             r_t, r_m = median_run(
@@ -247,6 +262,71 @@ def s3_run(runs, narpost, state, key, top, scratch):
     finally:
         subprocess.run([os.path.join(here, "s3-server"), "stop", root], capture_output=True)
     return statistics.median(times), max(rss)
+
+
+def ssh_runs(runs, narpost, state, key, top, scratch):
+    """narpost and nix copy into a host's store over a real sshd on 127.0.0.1, alternating,
+    each run into a fresh chroot store; returns [(name, median s, peak RSS)]."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.access(sshd, os.X_OK) or shutil.which("ssh") is None:
+        sys.exit("bench: sshd or ssh not found; run scripts/install-deps")
+    d = os.path.join(scratch, "sshd")
+    os.makedirs(d)
+    for name in ["host_key", "client_key"]:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, name)], check=True)
+    with open(os.path.join(d, "client_key.pub")) as f:
+        client_pub = f.read()
+    with open(os.path.join(d, "authorized_keys"), "w") as f:
+        f.write(f"restrict {client_pub}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(os.path.join(d, "sshd_config"), "w") as f:
+        f.write(
+            f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
+            "PidFile none\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nUsePAM no\nLogLevel ERROR\n"
+        )
+    with open(os.path.join(d, "host_key.pub")) as f:
+        host_key = " ".join(f.read().split()[:2])
+    with open(os.path.join(d, "known_hosts"), "w") as f:
+        f.write(f"[127.0.0.1]:{port} {host_key}\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    server = subprocess.Popen([sshd, "-D", "-e", "-f", os.path.join(d, "sshd_config")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(NIX_ENV, NIX_SSHOPTS=f"-p {port} -i {d}/client_key -oUserKnownHostsFile={d}/known_hosts "
+               "-oStrictHostKeyChecking=yes")
+    results = {"narpost push": ([], []), "nix copy --to ssh://": ([], [])}
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("bench: sshd did not start")
+                time.sleep(0.05)
+        for _ in range(runs):
+            for name in results:
+                dest = tempfile.mkdtemp(prefix="remote-", dir=scratch)
+                url = f"ssh://root@127.0.0.1?remote-store={dest}"
+                if name == "narpost push":
+                    argv = [narpost, "--state-dir", state, "push", "--to", url, "--key", key, top]
+                else:
+                    argv = ["nix", "copy", "--to", url, top]
+                start = time.monotonic()
+                proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    sys.exit(f"bench: {name} over ssh failed: {argv}")
+                results[name][0].append(time.monotonic() - start)
+                results[name][1].append(usage.ru_maxrss)
+                shutil.rmtree(dest, ignore_errors=True)
+    finally:
+        server.kill()
+        server.wait()
+    return [(name, statistics.median(t), max(m)) for name, (t, m) in results.items()]
 
 
 def print_table(rows):

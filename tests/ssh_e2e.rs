@@ -399,16 +399,7 @@ fn hook_and_daemon_keep_paths_queued_while_the_host_is_down() {
 #[test]
 fn kill_9_mid_push_leaves_only_complete_paths_and_the_next_push_finishes() {
     let env = Env::new();
-    let expr = format!(
-        r#"{prelude}rec {{
-  small = mk "narpost-ssh-small" "echo small > $out";
-  big = mk "narpost-ssh-big" "mkdir $out && echo ${{small}} > $out/ref && head -c 150000000 /dev/urandom > $out/blob";
-  top = mk "narpost-ssh-top" "echo ${{big}} > $out";
-}}
-"#,
-        prelude = nix_prelude(&nonce())
-    );
-    let top = nix_build(&env.write_nix("big.nix", &expr), &["top"], &[]).remove(0);
+    let top = build_with_big_path(&env);
     let (key, public) = env.keygen("ssh-kill-1");
     let remote = env.path().join("remote").display().to_string();
     let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
@@ -475,4 +466,115 @@ fn upstream_signed_paths_still_reach_a_hosts_store() {
         "{text}"
     );
     assert!(text.contains("0 left to upstream"), "{text}");
+}
+
+/// A closure of a small path, a 150 MB one referring to it, and a top one; returns the top.
+fn build_with_big_path(env: &Env) -> StorePath {
+    let expr = format!(
+        r#"{prelude}rec {{
+  small = mk "narpost-ssh-small" "echo small > $out";
+  big = mk "narpost-ssh-big" "mkdir $out && echo ${{small}} > $out/ref && head -c 150000000 /dev/urandom > $out/blob";
+  top = mk "narpost-ssh-top" "echo ${{big}} > $out";
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    nix_build(&env.write_nix("big.nix", &expr), &["top"], &[]).remove(0)
+}
+
+/// The pids of the `nix-store --serve` processes the test's sshd runs for `remote`.
+fn serve_processes(remote: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("--serve") && cmdline.contains(remote) && !cmdline.contains("sh -c") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_connection_lost_mid_push_is_reopened_and_the_push_finishes() {
+    let env = Env::new();
+    let top = build_with_big_path(&env);
+    let (key, public) = env.keygen("ssh-reconnect-1");
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+
+    let log = env.path().join("push.log");
+    let mut push = Background::spawn(
+        &mut push_cmd(&env, &sshd.url(), &key, &top),
+        &log,
+        "narpost push",
+    );
+    wait_until(
+        "the first path on the host",
+        Duration::from_secs(120),
+        || !valid_in(&remote, &top).is_empty(),
+    );
+    // The remote end dies while the big NAR is on its way.
+    let pids = serve_processes(&remote);
+    assert!(!pids.is_empty(), "no nix-store --serve for {remote}");
+    for pid in pids {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).expect("a pid"),
+            rustix::process::Signal::KILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (status, output) = loop {
+        if let Some(done) = push.try_finish() {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "the push did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{output}");
+    assert!(valid_in(&remote, &top).len() == 3, "{output}");
+    assert!(
+        output.contains("retrying in"),
+        "the push finished before the connection was cut; nothing was retried:\n{output}"
+    );
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
+}
+
+#[test]
+fn watch_exec_pushes_what_the_command_builds_through_the_config_file() {
+    let env = Env::new();
+    let (key, public) = env.keygen("ssh-watch-1");
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let config = env.path().join("narpost.toml");
+    fs::write(
+        &config,
+        format!(
+            "cache = \"{}\"\nsecret-key-file = \"{}\"\n",
+            sshd.url(),
+            key.display()
+        ),
+    )
+    .expect("write the config");
+    let expr = format!(
+        "{}rec {{\n  base = mk \"narpost-ssh-w-base\" \"echo base > $out\";\n  top = mk \"narpost-ssh-w-top\" \"echo ${{base}} > $out\";\n}}\n",
+        nix_prelude(&nonce())
+    );
+    let file = env.write_nix("watch.nix", &expr);
+    let out = run(env
+        .narpost()
+        .arg("--config")
+        .arg(&config)
+        .args(["watch-exec", "--", "nix-build"])
+        .arg(&file)
+        .args(["-A", "top", "--no-out-link"]));
+    let top = parse_paths(&stdout(&out)).remove(0);
+    // watch-exec returns after the uploads.
+    assert_eq!(valid_in(&remote, &top).len(), 2, "{}", stderr(&out));
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
 }

@@ -359,25 +359,23 @@ async fn writer<W: AsyncWrite + Unpin>(
         .with_hint("http-timeout sets how long to wait")
     };
     loop {
-        let job = if conn.inflight.load(Ordering::Relaxed) == 0 {
-            match timeout(IDLE, jobs.recv()).await {
-                Ok(job) => job,
-                Err(_) => {
-                    // Idle: close, unless a request was handed over meanwhile (the pool
-                    // hands over under its lock, so checking under it is race-free).
-                    let guard = pool.lock().unwrap_or_else(|e| e.into_inner());
-                    match jobs.try_recv() {
-                        Ok(job) => Some(job),
-                        Err(_) => {
-                            conn.dead.store(true, Ordering::Relaxed);
-                            drop(guard);
-                            None
-                        }
+        let job = match timeout(IDLE, jobs.recv()).await {
+            Ok(job) => job,
+            Err(_) => {
+                // Idle: close, unless a request was handed over meanwhile (the pool hands
+                // over under its lock, so checking under it is race-free) or answers are
+                // still to come.
+                let guard = pool.lock().unwrap_or_else(|e| e.into_inner());
+                match jobs.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(_) if conn.load() > 0 && !conn.is_dead() => continue,
+                    Err(_) => {
+                        conn.dead.store(true, Ordering::Relaxed);
+                        drop(guard);
+                        None
                     }
                 }
             }
-        } else {
-            jobs.recv().await
         };
         let Some(job) = job else { break };
         let Job { request, reply } = job;
