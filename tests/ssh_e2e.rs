@@ -578,3 +578,43 @@ fn watch_exec_pushes_what_the_command_builds_through_the_config_file() {
     assert_eq!(valid_in(&remote, &top).len(), 2, "{}", stderr(&out));
     assert_verified(&remote, &public, std::slice::from_ref(&top));
 }
+
+#[test]
+fn a_path_that_no_longer_matches_its_hash_never_becomes_valid_on_the_host() {
+    let env = Env::new();
+    let expr = format!(
+        r#"{prelude}rec {{
+  victim = mk "narpost-ssh-victim" "mkdir -p $out && echo original > $out/data";
+  user = mk "narpost-ssh-user" "echo ${{victim}} > $out";
+  bystander = mk "narpost-ssh-bystander" "echo fine > $out";
+}}
+"#,
+        prelude = nix_prelude(&nonce())
+    );
+    let outs = nix_build(
+        &env.write_nix("corrupt.nix", &expr),
+        &["victim", "user", "bystander"],
+        &[],
+    );
+    let (victim, user, bystander) = (&outs[0], &outs[1], &outs[2]);
+    // Same length: only the hash can tell, after the last byte was read.
+    corrupt_store_file(
+        &Path::new(&victim.to_absolute()).join("data"),
+        b"tampered\n",
+    );
+    let (key, _) = env.keygen("ssh-corrupt-1");
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+
+    let out = push_cmd(&env, &sshd.url(), &key, user)
+        .arg(bystander.to_absolute())
+        .output()
+        .expect("run narpost");
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    let line = one_line_with(&text, "does not match the store's record");
+    assert!(line.contains(&victim.to_absolute()), "{line}");
+    assert!(valid_in(&remote, victim).is_empty(), "{text}");
+    assert!(valid_in(&remote, user).is_empty(), "{text}");
+    assert_eq!(valid_in(&remote, bystander).len(), 1, "{text}");
+}

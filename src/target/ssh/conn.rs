@@ -403,7 +403,7 @@ async fn writer<W: AsyncWrite + Unpin>(
                             Err(e) => {
                                 return Err((
                                     WriteError::Local(format!(
-                                        "{path}: upload abandoned, the NAR could not be produced: {e}"
+                                        "{label}: upload of {path} abandoned: {e}"
                                     )),
                                     true,
                                 ));
