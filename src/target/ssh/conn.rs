@@ -618,49 +618,43 @@ mod tests {
 
     #[tokio::test]
     async fn requests_go_out_before_earlier_answers_and_answers_find_their_request() {
-        let (client_w, remote_r) = tokio::io::duplex(1 << 16);
-        let (remote_w, client_r) = tokio::io::duplex(1 << 16);
+        let (conn, remote_r, remote_w) = connection(Duration::from_secs(5));
         let remote_task = tokio::spawn(pipelined_remote(remote_r, remote_w, 3));
-        let spec = Arc::new(spec());
-        let remote = Remote {
-            spec,
-            child: None,
-            tail: Arc::default(),
-            stderr_done: None,
-        };
-        let conn = start(
-            client_w,
-            client_r,
-            remote,
-            Arc::default(),
-            Duration::from_secs(5),
-        );
-        let mut replies = Vec::new();
-        for i in 0..3 {
-            let (tx, rx) = oneshot::channel();
-            conn.inflight.fetch_add(1, Ordering::Relaxed);
-            conn.jobs
-                .send(Job {
-                    request: Request::QueryValid(vec![format!("/nix/store/{i}")]),
-                    reply: tx,
-                })
-                .map_err(|_| "send")
-                .unwrap();
-            replies.push(rx);
-        }
-        for (i, rx) in replies.into_iter().enumerate() {
+        let paths: Vec<String> = (0..3).map(|i| format!("/nix/store/{i}")).collect();
+        let replies: Vec<_> = paths.iter().map(|p| query(&conn, &[p])).collect();
+        for (path, rx) in paths.iter().zip(replies) {
             match timeout(Duration::from_secs(5), rx).await {
-                Ok(Ok(Ok(Reply::Valid(v)))) => assert_eq!(v, [format!("/nix/store/{i}")]),
-                _ => panic!("no answer to request {i}"),
+                Ok(Ok(Ok(Reply::Valid(v)))) => assert_eq!(v, [path.as_str()]),
+                _ => panic!("no answer for {path}"),
             }
         }
         assert_eq!(remote_task.await.unwrap(), [1, 1, 1]);
-        assert_eq!(conn.inflight.load(Ordering::Relaxed), 0);
+        assert_eq!(conn.load(), 0);
     }
 
     #[tokio::test]
     async fn a_connection_that_ends_fails_the_unanswered_requests() {
-        let (client_w, mut remote_r) = tokio::io::duplex(1 << 16);
+        let (conn, mut remote_r, remote_w) = connection(Duration::from_secs(5));
+        let replies = [
+            query(&conn, &["/nix/store/0"]),
+            query(&conn, &["/nix/store/1"]),
+        ];
+        // The remote reads a little and hangs up without answering.
+        let mut some = [0u8; 8];
+        remote_r.read_exact(&mut some).await.unwrap();
+        drop(remote_w);
+        for rx in replies {
+            let e = error_of(rx).await;
+            assert!(e.is_retryable(), "{e}");
+        }
+        assert!(conn.is_dead());
+    }
+
+    /// A connection to a remote played by the test, with `timeout_` for every wait.
+    fn connection(
+        timeout_: Duration,
+    ) -> (Arc<Conn>, tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        let (client_w, remote_r) = tokio::io::duplex(1 << 16);
         let (remote_w, client_r) = tokio::io::duplex(1 << 16);
         let remote = Remote {
             spec: Arc::new(spec()),
@@ -668,36 +662,66 @@ mod tests {
             tail: Arc::default(),
             stderr_done: None,
         };
-        let conn = start(
-            client_w,
-            client_r,
-            remote,
-            Arc::default(),
-            Duration::from_secs(5),
+        let conn = start(client_w, client_r, remote, Arc::default(), timeout_);
+        (conn, remote_r, remote_w)
+    }
+
+    fn query(conn: &Conn, paths: &[&str]) -> oneshot::Receiver<Result<Reply, TargetError>> {
+        let (tx, rx) = oneshot::channel();
+        let request = Request::QueryValid(paths.iter().map(|p| p.to_string()).collect());
+        let _ = conn.submit(Job { request, reply: tx });
+        rx
+    }
+
+    async fn error_of(rx: oneshot::Receiver<Result<Reply, TargetError>>) -> TargetError {
+        match timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(Err(e))) => e,
+            Ok(Ok(Ok(_))) => panic!("expected an error, got an answer"),
+            _ => panic!("no error in time"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_that_never_answers_fails_the_request_after_the_deadline() {
+        let (conn, _remote_r, _remote_w) = connection(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        let e = error_of(query(&conn, &["/nix/store/x"])).await;
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.message.contains("no answer for"), "{}", e.message);
+        // The answer deadline is ANSWER_TIMEOUT_FACTOR timeouts.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
         );
-        let mut replies = Vec::new();
-        for i in 0..2 {
-            let (tx, rx) = oneshot::channel();
-            conn.inflight.fetch_add(1, Ordering::Relaxed);
-            let _ = conn.jobs.send(Job {
-                request: Request::QueryValid(vec![format!("/nix/store/{i}")]),
-                reply: tx,
-            });
-            replies.push(rx);
-        }
-        // The remote reads a little and hangs up without answering.
-        let mut some = [0u8; 8];
-        remote_r.read_exact(&mut some).await.unwrap();
-        drop(remote_w);
-        for rx in replies {
-            let result = timeout(Duration::from_secs(5), rx)
-                .await
-                .expect("an answer in time");
-            match result {
-                Ok(Err(e)) => assert!(e.is_retryable(), "{e}"),
-                _ => panic!("expected an error"),
-            }
-        }
         assert!(conn.is_dead());
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_more_paths_than_asked_is_refused() {
+        let (conn, _remote_r, mut remote_w) = connection(Duration::from_secs(5));
+        let rx = query(&conn, &["/nix/store/a"]);
+        let mut answer = Vec::new();
+        serve::write_strings(&mut answer, &["/nix/store/a", "/nix/store/b"]).unwrap();
+        remote_w.write_all(&answer).await.unwrap();
+        let e = error_of(rx).await;
+        assert!(e.message.contains("protocol error"), "{}", e.message);
+        assert!(!e.is_retryable(), "{e}");
+
+        let (conn, _remote_r, mut remote_w) = connection(Duration::from_secs(5));
+        let rx = query(&conn, &["/nix/store/a"]);
+        let mut answer = Vec::new();
+        serve::write_strings(
+            &mut answer,
+            &["/nix/store/".to_string() + &"x".repeat(5000)],
+        )
+        .unwrap();
+        remote_w.write_all(&answer).await.unwrap();
+        let e = error_of(rx).await;
+        assert!(
+            e.message.contains("more than the 1024 allowed"),
+            "{}",
+            e.message
+        );
     }
 }
