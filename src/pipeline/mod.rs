@@ -16,7 +16,9 @@
 //!    file cache shares one directory fsync among all renames in flight. Spooled NARs
 //!    waiting for upload are bounded by the two slot counts together;
 //! 4. wait until every reference that was missing has its narinfo in the cache;
-//! 5. sign the narinfo and store it: the commit point.
+//! 5. sign the narinfo and store it: the commit point;
+//! 6. once referrers have been told, upload the derivation's build log where the target has
+//!    a place for it (once per derivation; a failure is reported, never the path's).
 //!
 //! So a narinfo is written only after its NAR and its references' narinfos, and a path whose
 //! reference failed is never published. The guarantee a cache gets from this: **every
