@@ -618,3 +618,55 @@ fn a_path_that_no_longer_matches_its_hash_never_becomes_valid_on_the_host() {
     assert!(valid_in(&remote, user).is_empty(), "{text}");
     assert_eq!(valid_in(&remote, bystander).len(), 1, "{text}");
 }
+
+#[test]
+fn the_daemon_keeps_paths_queued_through_a_wrong_host_key_until_the_config_is_fixed() {
+    let env = Env::new();
+    let expr = format!(
+        "{}mk \"narpost-ssh-hostkey\" \"echo x > $out\"\n",
+        nix_prelude(&nonce())
+    );
+    let path = nix_build(&env.write_nix("hostkey.nix", &expr), &[], &[]).remove(0);
+    let (key, public) = env.keygen("ssh-hostkey-1");
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let wrong_host_key = base64::engine::general_purpose::STANDARD.encode(
+        fs::read_to_string(sshd.client_key.with_extension("pub"))
+            .expect("a public key")
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let config = env.path().join("narpost.toml");
+    let write_config = |url: &str| {
+        fs::write(
+            &config,
+            format!(
+                "cache = \"{url}\"\nsecret-key-file = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .expect("write the config")
+    };
+    write_config(&sshd.url_with(&sshd.client_key, &wrong_host_key));
+    hook_with_config(&env, &config, std::slice::from_ref(&path));
+    let mut daemon = spawn_with_config(&env, &mut env.narpost(), &config, "daemon");
+    daemon.wait_for_output(
+        "the host's key is not the one expected",
+        Duration::from_secs(60),
+    );
+    let (status, output) = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{output}");
+    assert_eq!(queue_depth(&env, &config), 1, "{output}");
+    assert!(valid_in(&remote, &path).is_empty());
+
+    write_config(&sshd.url());
+    let daemon = spawn_with_config(&env, &mut env.narpost(), &config, "daemon");
+    wait_until("the queue drains", Duration::from_secs(60), || {
+        queue_depth(&env, &config) == 0
+    });
+    assert_verified(&remote, &public, std::slice::from_ref(&path));
+    let (status, output) = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{output}");
+}

@@ -384,29 +384,19 @@ async fn writer<W: AsyncWrite + Unpin>(
                 let mut bytes = Vec::new();
                 let _ = serve::write_query_valid_paths(&mut bytes, true, false, &paths);
                 let sent = write_with_deadline(&mut stdin, &bytes, timeout_).await;
-                (
-                    Answer::Valid(paths.len() as u64),
-                    sent.map_err(|e| (e, false)),
-                )
+                (Answer::Valid(paths.len() as u64), sent)
             }
             Request::Add { path, header, nar } => {
                 let sent = async {
-                    write_with_deadline(&mut stdin, &header, timeout_)
-                        .await
-                        .map_err(|e| (e, false))?;
+                    write_with_deadline(&mut stdin, &header, timeout_).await?;
                     let mut stream = nar.stream();
                     while let Some(chunk) = stream.next().await {
                         match chunk {
-                            Ok(bytes) => write_with_deadline(&mut stdin, &bytes, timeout_)
-                                .await
-                                .map_err(|e| (e, false))?,
+                            Ok(bytes) => write_with_deadline(&mut stdin, &bytes, timeout_).await?,
                             Err(e) => {
-                                return Err((
-                                    WriteError::Local(format!(
-                                        "{label}: upload of {path} abandoned: {e}"
-                                    )),
-                                    true,
-                                ));
+                                return Err(WriteError::Local(format!(
+                                    "{label}: upload of {path} abandoned: {e}"
+                                )));
                             }
                         }
                     }
@@ -424,19 +414,19 @@ async fn writer<W: AsyncWrite + Unpin>(
                     ))));
                 }
             }
-            Err((WriteError::Local(message), _)) => {
+            Err(WriteError::Local(message)) => {
                 // Closing the pipe mid-NAR makes the remote drop the partial import.
                 conn.inflight.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(Err(TargetError::permanent(message)));
                 break;
             }
-            Err((WriteError::Stalled, _)) => {
+            Err(WriteError::Stalled) => {
                 conn.inflight.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(Err(stalled("sending")));
                 abort.notify_one();
                 break;
             }
-            Err((WriteError::Io, _)) => {
+            Err(WriteError::Io) => {
                 // The remote went away; the reader reports why when it gets to this request.
                 let _ = pending.send(Pending { answer, reply });
                 break;

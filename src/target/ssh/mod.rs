@@ -135,19 +135,24 @@ impl SshTarget {
                 break;
             }
             if connect {
-                let opened = conn::connect(&self.spec, self.timeout, self.pool.clone()).await;
-                let mut pool = self.lock_pool();
-                pool.opening -= 1;
-                let result = opened.map(|conn| pool.conns.push(conn));
-                drop(pool);
-                self.changed.notify_waiters();
-                result?;
+                self.add_connection().await?;
             } else {
                 notified.await;
             }
         }
         rx.await
             .unwrap_or_else(|_| Err(self.lost("before the remote answered")))
+    }
+
+    /// Opens a connection into the pool; the caller has counted it in `opening`.
+    async fn add_connection(&self) -> Result<(), TargetError> {
+        let opened = conn::connect(&self.spec, self.timeout, self.pool.clone()).await;
+        let mut pool = self.lock_pool();
+        pool.opening -= 1;
+        let result = opened.map(|conn| pool.conns.push(conn));
+        drop(pool);
+        self.changed.notify_waiters();
+        result
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -177,18 +182,14 @@ impl Target for SshTarget {
     }
 
     async fn open(&self) -> Result<(), TargetError> {
-        let live = self.lock_pool().conns.iter().any(|c| !c.is_dead());
-        if live {
-            return Ok(());
+        {
+            let mut pool = self.lock_pool();
+            if pool.conns.iter().any(|c| !c.is_dead()) {
+                return Ok(());
+            }
+            pool.opening += 1;
         }
-        self.lock_pool().opening += 1;
-        let opened = conn::connect(&self.spec, self.timeout, self.pool.clone()).await;
-        let mut pool = self.lock_pool();
-        pool.opening -= 1;
-        let result = opened.map(|conn| pool.conns.push(conn));
-        drop(pool);
-        self.changed.notify_waiters();
-        result
+        self.add_connection().await
     }
 
     async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
