@@ -88,7 +88,9 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<PathBuf>,
     stop: CancellationToken,
 ) -> u64 {
-    let mut candidates: HashSet<PathBuf> = HashSet::new();
+    // With the modification time at which a log was last found to be an unfinished stream:
+    // a log that has not changed since is not decompressed again.
+    let mut candidates: HashMap<PathBuf, Option<SystemTime>> = HashMap::new();
     let mut uploaded: HashSet<StorePath> = HashSet::new();
     let mut count = 0;
     let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -99,14 +101,14 @@ async fn run(
             _ = tick.tick() => false,
             p = rx.recv() => {
                 match p {
-                    Some(p) => { candidates.insert(p); }
+                    Some(p) => { candidates.entry(p).or_insert(None); }
                     None => return count,
                 }
                 continue;
             }
         };
         while let Ok(p) = rx.try_recv() {
-            candidates.insert(p);
+            candidates.entry(p).or_insert(None);
         }
         let todo = candidates.clone();
         let store = store.clone();
@@ -115,7 +117,10 @@ async fn run(
         let Ok(decided) = decided else { return count };
         for (file, verdict) in decided {
             match verdict {
-                Verdict::Wait => continue,
+                Verdict::Wait(unfinished) => {
+                    candidates.insert(file, unfinished);
+                    continue;
+                }
                 Verdict::Done => {}
                 Verdict::Failed(drv) => {
                     if uploaded.insert(drv.clone()) {
@@ -144,8 +149,9 @@ async fn run(
 }
 
 enum Verdict {
-    /// Still being written, or just finished: look again later.
-    Wait,
+    /// Still being written, or just finished: look again later. With the modification
+    /// time at which it was an unfinished stream.
+    Wait(Option<SystemTime>),
     /// Not a log, or its build succeeded (the pipeline has it), or it cannot be read.
     Done,
     /// The build ended without its outputs.
@@ -155,21 +161,28 @@ enum Verdict {
 /// Blocking: reads logs, `.drv` files and the store database.
 fn decide(
     store: &Store,
-    candidates: HashSet<PathBuf>,
+    candidates: HashMap<PathBuf, Option<SystemTime>>,
     last: bool,
     limit: u64,
 ) -> HashMap<PathBuf, Verdict> {
     let now = SystemTime::now();
     candidates
         .into_iter()
-        .map(|file| {
-            let verdict = verdict(store, &file, last, limit, now);
+        .map(|(file, unfinished)| {
+            let verdict = verdict(store, &file, unfinished, last, limit, now);
             (file, verdict)
         })
         .collect()
 }
 
-fn verdict(store: &Store, file: &Path, last: bool, limit: u64, now: SystemTime) -> Verdict {
+fn verdict(
+    store: &Store,
+    file: &Path,
+    unfinished: Option<SystemTime>,
+    last: bool,
+    limit: u64,
+    now: SystemTime,
+) -> Verdict {
     let Some(drv) = buildlog::drv_of(file) else {
         return Verdict::Done;
     };
@@ -182,24 +195,30 @@ fn verdict(store: &Store, file: &Path, last: bool, limit: u64, now: SystemTime) 
     if outputs_valid(store, &drv) {
         return Verdict::Done;
     }
+    let modified = meta.modified().ok();
+    if !last && unfinished.is_some() && unfinished == modified {
+        return Verdict::Wait(unfinished);
+    }
     let compressed = file.extension().is_some_and(|e| e == "bz2");
     if compressed {
         // Only whether the stream ends matters here; the upload reads it again, capped.
         match buildlog::read_file(file, true, limit) {
             Err(LogError::Incomplete { .. }) => {
-                return if last { Verdict::Done } else { Verdict::Wait };
+                return if last {
+                    Verdict::Done
+                } else {
+                    Verdict::Wait(modified)
+                };
             }
             Err(LogError::Unreadable { .. }) => return Verdict::Done,
             _ => {}
         }
     }
-    let quiet = meta
-        .modified()
-        .ok()
+    let quiet = modified
         .and_then(|m| now.duration_since(m).ok())
         .is_some_and(|age| age >= QUIET);
     if !quiet && !last {
-        return Verdict::Wait;
+        return Verdict::Wait(None);
     }
     // Registering outputs may have finished since the first look.
     if outputs_valid(store, &drv) {

@@ -198,6 +198,8 @@ fn watch_store_uploads_a_failed_builds_log_while_it_runs() {
     let expr = format!(
         r#"{prelude}{{
   bad = mk "narpost-log-bad-ws" ''
+    echo "compiling for a while"
+    sleep 5
     echo "linking, then: {marker}" >&2
     exit 1
   '';
@@ -234,6 +236,9 @@ fn watch_store_uploads_a_failed_builds_log_while_it_runs() {
         Duration::from_secs(30),
         || fs::read_to_string(&log).is_ok_and(|t| t.contains(&marker)),
     );
+    // Not a log cut short while the build was quiet: the whole of it.
+    let stored = fs::read_to_string(&log).expect("read the log");
+    assert!(stored.contains("compiling for a while"), "{stored}");
     watcher.assert_running();
     let (status, text) = watcher.terminate(Duration::from_secs(30));
     assert!(status.success(), "{text}");
