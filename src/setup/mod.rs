@@ -36,7 +36,7 @@ use plan::{BinState, KeyPlan, Observed, Request, Services, Step, under};
 #[derive(Debug, Clone, clap::Args)]
 pub struct SetupArgs {
     /// Cache to push to, as for `push --to`: file:///dir, http(s)://, s3://bucket?...,
-    /// attic+http(s)://host/CACHE.
+    /// attic+http(s)://host/CACHE, ssh://[user@]host.
     #[arg(long, value_name = "URL", required_unless_present = "undo")]
     pub cache: Option<String>,
 
@@ -360,8 +360,13 @@ fn check_cache(url: &str) -> anyhow::Result<()> {
             .map_err(from_target)?;
         return Ok(());
     }
+    if url.starts_with("ssh://") {
+        crate::target::ssh::SshSpec::parse(url, None, Duration::from_secs(60))
+            .map_err(from_target)?;
+        return Ok(());
+    }
     bail!(
-        "--cache {url}: unsupported cache URL; use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., or attic+http(s)://host/cache"
+        "--cache {url}: unsupported cache URL; use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., attic+http(s)://host/cache, or ssh://[user@]host"
     )
 }
 

@@ -470,6 +470,15 @@ pub fn consumer_lines(cache: &str, public: &str) -> Vec<String> {
             ),
         ];
     }
+    if let Some(host) = crate::target::ssh::SshSpec::host_of(cache) {
+        // The host's store is served over HTTP by nix-serve or harmonia, not by narpost.
+        return vec![
+            format!(
+                "extra-substituters = <the URL nix-serve or harmonia on {host} serves, e.g. http://{host}:5000>"
+            ),
+            ours,
+        ];
+    }
     match file_cache_dir(cache) {
         Some(dir) => vec![
             format!("extra-substituters = file://{}", dir.display()),
@@ -703,6 +712,9 @@ mod tests {
             "extra-substituters = https://attic.example.org/prefix/main"
         );
         assert!(attic[1].contains("attic cache info main"), "{}", attic[1]);
+        let ssh = consumer_lines("ssh://nix-ssh@cache.lan:2222?ssh-key=/etc/narpost/id", key);
+        assert!(ssh[0].contains("http://cache.lan:5000"), "{}", ssh[0]);
+        assert_eq!(ssh[1], "extra-trusted-public-keys = host-1:abc=");
     }
 
     #[test]

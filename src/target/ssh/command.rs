@@ -30,6 +30,15 @@ fn shell_escape(s: &str) -> String {
 }
 
 impl SshSpec {
+    /// The host an `ssh://` URL names, or `None` for any other URL.
+    pub fn host_of(url: &str) -> Option<String> {
+        let parsed = Url::parse(url).ok().filter(|u| u.scheme() == "ssh")?;
+        parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+    }
+
     /// Parses the URL; `sshopts` is `NIX_SSHOPTS`; `connect_timeout` goes to ssh's
     /// `ConnectTimeout`.
     pub fn parse(
