@@ -18,6 +18,7 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
                 - nix copy --to ssh://    (the same URL; it signs nothing, narpost signs)
   tiny paths    1,000 store paths of one small file each
                 - narpost push, nix copy
+                - over ssh: narpost push, nix copy --to ssh:// (as for the big closure)
 
 Peak RSS is each command's maximum resident set (of the process tree, from wait4).
 Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny] [--skip-s3]
@@ -151,7 +152,7 @@ def main():
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--skip-ssh", action="store_true")
-    ap.add_argument("--ssh-only", action="store_true", help="only the big closure over ssh")
+    ap.add_argument("--ssh-only", action="store_true", help="only the rows over ssh")
     ap.add_argument("--tiny-count", type=int, default=1000)
     args = ap.parse_args()
     narpost = os.path.abspath(args.narpost)
@@ -190,11 +191,9 @@ def main():
             group = f"big closure ({len(paths)} paths, {human(size)} NAR)"
             if not args.skip_ssh:
                 ssh_group = f"big closure over ssh ({len(paths)} paths)"
-                for name, t, m in ssh_runs(args.runs, narpost, state, key, top, scratch):
+                for name, t, m in ssh_runs(args.runs, narpost, state, key, [top], [], scratch):
                     rows.append((ssh_group, name, t, m, size))
-            if args.ssh_only:
-                print_table(rows)
-                return
+        if not args.skip_big and not args.ssh_only:
             n_t, n_m = median_run(args.runs, narpost_cmd([top]), scratch)
             c_t, c_m = median_run(args.runs, nix_copy_cmd([top]), scratch)
             r_t, r_m = median_run(
@@ -218,6 +217,11 @@ def main():
             tiny = build_tiny(scratch, nonce, args.tiny_count)
             size = sum(nar_size([p]) for p in tiny[:1]) * len(tiny)
             group = f"tiny paths ({len(tiny)} paths)"
+            if not args.skip_ssh:
+                ssh_group = f"tiny paths over ssh ({len(tiny)} paths)"
+                for name, t, m in ssh_runs(args.runs, narpost, state, key, tiny, ["--no-closure"], scratch):
+                    rows.append((ssh_group, name, t, m, size))
+        if not args.skip_tiny and not args.ssh_only:
             n_t, n_m = median_run(args.runs, narpost_cmd(tiny, ["--no-closure"]), scratch)
             c_t, c_m = median_run(args.runs, nix_copy_cmd(tiny), scratch)
             rows.append((group, "narpost push", n_t, n_m, size))
@@ -264,7 +268,7 @@ def s3_run(runs, narpost, state, key, top, scratch):
     return statistics.median(times), max(rss)
 
 
-def ssh_runs(runs, narpost, state, key, top, scratch):
+def ssh_runs(runs, narpost, state, key, paths, extra, scratch):
     """narpost and nix copy into a host's store over a real sshd on 127.0.0.1, alternating,
     each run into a fresh chroot store; returns [(name, median s, peak RSS)]."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -312,9 +316,9 @@ def ssh_runs(runs, narpost, state, key, top, scratch):
                 dest = tempfile.mkdtemp(prefix="remote-", dir=scratch)
                 url = f"ssh://root@127.0.0.1?remote-store={dest}"
                 if name == "narpost push":
-                    argv = [narpost, "--state-dir", state, "push", "--to", url, "--key", key, top]
+                    argv = [narpost, "--state-dir", state, "push", "--to", url, "--key", key, *extra, *paths]
                 else:
-                    argv = ["nix", "copy", "--to", url, top]
+                    argv = ["nix", "copy", "--to", url, *paths]
                 start = time.monotonic()
                 proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 _, status, usage = os.wait4(proc.pid, 0)
