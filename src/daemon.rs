@@ -826,8 +826,12 @@ pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
     let grace = drainer.drain_timeout();
     let totals = drainer.run(stop, wake, false, grace).await?;
     eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream",
-        totals.pushed, totals.already_cached, totals.left, totals.left_upstream
+        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream, {} build logs uploaded",
+        totals.pushed,
+        totals.already_cached,
+        totals.left,
+        totals.left_upstream,
+        totals.logs_uploaded
     );
     print_remaining(drainer.queue());
     Ok(())

@@ -538,6 +538,10 @@ fn upstream_signed_paths_are_left_upstream_and_the_closure_still_substitutes() {
     );
     assert_eq!(queue_depth(&env, &config), 0);
     assert!(!daemon_dir.has(&mid));
+    // The daemon takes build logs along too.
+    let drv = stdout(&run(nix("nix-store").args(["-qd", &high.to_absolute()])));
+    let drv = StorePath::from_absolute(drv.trim()).expect("a deriver");
+    assert!(daemon_cache.join("log").join(drv.base()).is_file());
     daemon_dir.assert_complete();
     daemon.terminate(Duration::from_secs(30));
 
