@@ -171,7 +171,8 @@ impl Target for FileTarget {
     async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), TargetError> {
         let key = super::log_key(drv);
         let inner = self.inner.clone();
-        // Not a commit point: the directory is synced along with the next narinfo.
+        // Best effort and no commit point: log/ is not synced, so a crash just after may
+        // lose the log (written whole or not at all), never anything a narinfo promises.
         blocking(move || inner.write_atomically(&key, &log)).await
     }
 }
