@@ -97,9 +97,7 @@ impl Sshd {
 
     /// The host's public key line as `base64-ssh-public-host-key` wants it.
     fn host_key_b64(&self) -> String {
-        let line = fs::read_to_string(self.dir.join("host_key.pub")).expect("host key");
-        let line: Vec<&str> = line.split_whitespace().take(2).collect();
-        base64::engine::general_purpose::STANDARD.encode(line.join(" "))
+        public_key_b64(&self.dir.join("host_key.pub"))
     }
 
     fn url(&self) -> String {
@@ -114,6 +112,27 @@ impl Sshd {
             host_key_b64
         )
     }
+}
+
+/// A public key file's `TYPE BASE64` line, base64-encoded as `base64-ssh-public-host-key`
+/// wants it.
+fn public_key_b64(file: &Path) -> String {
+    let line = fs::read_to_string(file).expect("read a public key");
+    let line: Vec<&str> = line.split_whitespace().take(2).collect();
+    base64::engine::general_purpose::STANDARD.encode(line.join(" "))
+}
+
+/// A host for one test: a chroot store behind its own sshd. Returns (the store, the sshd).
+fn host(env: &Env) -> (String, Sshd) {
+    let remote = env.path().join("remote").display().to_string();
+    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    (remote, sshd)
+}
+
+/// One new path named `name`.
+fn build_one(env: &Env, name: &str) -> StorePath {
+    let expr = format!("{}mk \"{name}\" \"echo x > $out\"\n", nix_prelude(&nonce()));
+    nix_build(&env.write_nix(&format!("{name}.nix"), &expr), &[], &[]).remove(0)
 }
 
 impl Drop for Sshd {
@@ -238,13 +257,7 @@ fn push_makes_the_closure_valid_and_signed_in_the_hosts_store() {
     let env = Env::new();
     let (top, outs) = build_rich_closure(&env);
     let (key, public) = env.keygen("ssh-test-1");
-    let remote = env.path().join("remote");
-    let sshd = Sshd::start(
-        env.path(),
-        "sshd",
-        &serve_command(&remote.display().to_string()),
-    );
-    let remote = remote.display().to_string();
+    let (remote, sshd) = host(&env);
 
     let mut first = push_cmd(&env, &sshd.url(), &key, &top);
     let text = pushed(first.args(["--jobs", "4"]));
@@ -278,11 +291,7 @@ fn an_untrusted_login_through_a_daemon_needs_narposts_signature() {
     assert_substitutes(&env, &root, &public, &outs);
 
     // Paths signed by a key the host does not trust are refused, in one line with a hint.
-    let expr = format!(
-        "{}mk \"narpost-ssh-untrusted\" \"echo x > $out\"\n",
-        nix_prelude(&nonce())
-    );
-    let other_path = nix_build(&env.write_nix("other.nix", &expr), &[], &[]).remove(0);
+    let other_path = build_one(&env, "narpost-ssh-untrusted");
     let (other_key, _) = env.keygen("ssh-untrusted-1");
     let err = failed_push(&env, &sshd.url(), &other_key, &other_path);
     let line = one_line_with(&err, "lacks a valid signature");
@@ -297,21 +306,14 @@ fn an_untrusted_login_through_a_daemon_needs_narposts_signature() {
 #[test]
 fn host_down_wrong_host_key_and_refused_key_are_one_line_each() {
     let env = Env::new();
-    let expr = format!(
-        "{}mk \"narpost-ssh-fail\" \"echo x > $out\"\n",
-        nix_prelude(&nonce())
-    );
-    let path = nix_build(&env.write_nix("fail.nix", &expr), &[], &[]).remove(0);
+    let path = build_one(&env, "narpost-ssh-fail");
     let (key, _) = env.keygen("ssh-fail-1");
-    let remote = env.path().join("remote").display().to_string();
-    let mut sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, mut sshd) = host(&env);
 
     // Another key pair: its public half as the "host key", its private half as the login.
     let stranger = env.path().join("stranger");
     keygen(&stranger);
-    let stranger_pub = fs::read_to_string(stranger.with_extension("pub")).expect("pub");
-    let stranger_pub: Vec<&str> = stranger_pub.split_whitespace().take(2).collect();
-    let wrong_host_key = base64::engine::general_purpose::STANDARD.encode(stranger_pub.join(" "));
+    let wrong_host_key = public_key_b64(&stranger.with_extension("pub"));
 
     let err = failed_push(
         &env,
@@ -362,8 +364,7 @@ fn hook_and_daemon_keep_paths_queued_while_the_host_is_down() {
     let env = Env::new();
     let (top, outs) = build_rich_closure(&env);
     let (key, public) = env.keygen("ssh-daemon-1");
-    let remote = env.path().join("remote").display().to_string();
-    let mut sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, mut sshd) = host(&env);
     sshd.stop();
 
     let config = env.path().join("narpost.toml");
@@ -401,8 +402,7 @@ fn kill_9_mid_push_leaves_only_complete_paths_and_the_next_push_finishes() {
     let env = Env::new();
     let top = build_with_big_path(&env);
     let (key, public) = env.keygen("ssh-kill-1");
-    let remote = env.path().join("remote").display().to_string();
-    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, sshd) = host(&env);
 
     let mut push = push_cmd(&env, &sshd.url(), &key, &top)
         .stdout(Stdio::null())
@@ -448,23 +448,14 @@ fn upstream_signed_paths_still_reach_a_hosts_store() {
     let (key, _) = env.keygen("ssh-test-1");
     let config = env.path().join("narpost.toml");
     std::fs::write(&config, "upstream-keys = [\"ssh-upstream-1\"]\n").expect("write config");
-    let remote = env.path().join("remote");
-    let sshd = Sshd::start(
-        env.path(),
-        "sshd",
-        &serve_command(&remote.display().to_string()),
-    );
+    let (remote, sshd) = host(&env);
     let text = pushed(
         push_cmd(&env, &sshd.url(), &key, &top)
             .arg("--config")
             .arg(&config),
     );
     let closure = nix_closure(std::slice::from_ref(&top));
-    assert_eq!(
-        valid_in(&remote.display().to_string(), &top).len(),
-        closure.len(),
-        "{text}"
-    );
+    assert_eq!(valid_in(&remote, &top).len(), closure.len(), "{text}");
     assert!(text.contains("0 left to upstream"), "{text}");
 }
 
@@ -505,8 +496,7 @@ fn a_connection_lost_mid_push_is_reopened_and_the_push_finishes() {
     let env = Env::new();
     let top = build_with_big_path(&env);
     let (key, public) = env.keygen("ssh-reconnect-1");
-    let remote = env.path().join("remote").display().to_string();
-    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, sshd) = host(&env);
 
     let log = env.path().join("push.log");
     let mut push = Background::spawn(
@@ -549,8 +539,7 @@ fn a_connection_lost_mid_push_is_reopened_and_the_push_finishes() {
 fn watch_exec_pushes_what_the_command_builds_through_the_config_file() {
     let env = Env::new();
     let (key, public) = env.keygen("ssh-watch-1");
-    let remote = env.path().join("remote").display().to_string();
-    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, sshd) = host(&env);
     let config = env.path().join("narpost.toml");
     fs::write(
         &config,
@@ -603,8 +592,7 @@ fn a_path_that_no_longer_matches_its_hash_never_becomes_valid_on_the_host() {
         b"tampered\n",
     );
     let (key, _) = env.keygen("ssh-corrupt-1");
-    let remote = env.path().join("remote").display().to_string();
-    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
+    let (remote, sshd) = host(&env);
 
     let out = push_cmd(&env, &sshd.url(), &key, user)
         .arg(bystander.to_absolute())
@@ -622,22 +610,10 @@ fn a_path_that_no_longer_matches_its_hash_never_becomes_valid_on_the_host() {
 #[test]
 fn the_daemon_keeps_paths_queued_through_a_wrong_host_key_until_the_config_is_fixed() {
     let env = Env::new();
-    let expr = format!(
-        "{}mk \"narpost-ssh-hostkey\" \"echo x > $out\"\n",
-        nix_prelude(&nonce())
-    );
-    let path = nix_build(&env.write_nix("hostkey.nix", &expr), &[], &[]).remove(0);
+    let path = build_one(&env, "narpost-ssh-hostkey");
     let (key, public) = env.keygen("ssh-hostkey-1");
-    let remote = env.path().join("remote").display().to_string();
-    let sshd = Sshd::start(env.path(), "sshd", &serve_command(&remote));
-    let wrong_host_key = base64::engine::general_purpose::STANDARD.encode(
-        fs::read_to_string(sshd.client_key.with_extension("pub"))
-            .expect("a public key")
-            .split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
+    let (remote, sshd) = host(&env);
+    let wrong_host_key = public_key_b64(&sshd.client_key.with_extension("pub"));
     let config = env.path().join("narpost.toml");
     let write_config = |url: &str| {
         fs::write(
