@@ -14,7 +14,7 @@
 //! basic-auth-file = "/etc/narpost/basic"   # `user:password`, for HTTP caches behind basic auth
 //! gc-roots-dir = "/nix/var/nix/gcroots/narpost"
 //! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
-//! http-timeout = 60                         # seconds an HTTP/Attic connection may make no progress
+//! http-timeout = 60                         # seconds an HTTP/Attic/ssh connection may make no progress
 //! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
 //! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
 //! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
@@ -102,7 +102,7 @@ pub struct Config {
     pub basic_auth_file: Option<PathBuf>,
     pub gc_roots_dir: PathBuf,
     pub drain_timeout: Duration,
-    /// How long an HTTP connection may make no progress before it counts as hung.
+    /// How long an HTTP or ssh connection may make no progress before it counts as hung.
     pub http_timeout: Duration,
     /// `priority` or `NARPOST_PRIORITY`; `None` leaves it to the command.
     pub priority: Option<Priority>,
