@@ -28,6 +28,8 @@ struct Fake {
     nar_errors: Mutex<HashMap<String, Vec<TargetError>>>,
     /// How put_log answers, one error per attempt, then success.
     log_errors: Mutex<Vec<TargetError>>,
+    /// A cache with no place for logs (as Attic and ssh://).
+    no_logs: bool,
 }
 
 #[async_trait]
@@ -68,7 +70,7 @@ impl Target for Fake {
         Ok(())
     }
     fn stores_logs(&self) -> bool {
-        true
+        !self.no_logs
     }
     async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), TargetError> {
         let mut errors = self.log_errors.lock().unwrap();
@@ -314,6 +316,29 @@ async fn a_log_too_large_or_refused_is_reported_and_the_path_still_pushed() {
     assert!(report.complete() && report.pushed.len() == 1, "{report:?}");
     assert_eq!(report.log_failures.len(), 1, "{report:?}");
     assert!(report.log_failures[0].contains("403"), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_cache_without_a_place_for_logs_gets_none_and_no_complaint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake {
+        no_logs: true,
+        ..Default::default()
+    });
+    let store = store(dir.path(), DIAMOND);
+    built_by(dir.path(), &["other"], "other.drv", b"fine\n");
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["other"]).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    assert_eq!((report.logs_uploaded, report.log_failures.len()), (0, 0));
+    assert!(
+        !fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("log "))
+    );
 }
 
 #[tokio::test]
