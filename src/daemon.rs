@@ -37,6 +37,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -49,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{Pipeline, PipelineError, RetryPolicy};
+use crate::private_dir::PrivateDir;
 use crate::queue::{Entry, EntryId, EntryOrCorrupt, GcRoots, Queue};
 use crate::store::Store;
 
@@ -105,16 +107,13 @@ pub struct DrainLock {
 }
 
 impl DrainLock {
+    /// Creates the state directory if needed and refuses one someone else could write to
+    /// (see [`crate::private_dir`]), before anything is written there.
     pub async fn acquire(state_dir: &Path) -> anyhow::Result<DrainLock> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("{}: cannot create state directory", state_dir.display()))?;
-        let path = state_dir.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open lock file", path.display()))?;
+        let dir = PrivateDir::open(state_dir)?;
+        let file = dir
+            .open_or_create(LOCK_FILE)
+            .with_context(|| format!("{}: cannot open lock file", dir.join(LOCK_FILE).display()))?;
         // A predecessor killed a moment ago (with its original process, see
         // crate::priority) may still be exiting: give it a moment to let go.
         let mut wait = LOCK_WAIT;
@@ -144,6 +143,7 @@ impl DrainLock {
     pub fn is_held(state_dir: &Path) -> bool {
         let Ok(file) = std::fs::OpenOptions::new()
             .write(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(state_dir.join(LOCK_FILE))
         else {
             return false;
@@ -196,11 +196,18 @@ impl Drainer {
             min_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(2),
         };
-        let spool = cfg.state_dir.join(SPOOL_DIR);
+        // Checked before it is emptied: clearing a directory someone else had swapped for a
+        // link would delete their choice of files.
+        let spool = PrivateDir::open(&cfg.state_dir)?
+            .subdir(SPOOL_DIR)?
+            .path()
+            .to_path_buf();
         clear_dir(&spool);
         let pipeline = Arc::new(crate::app::pipeline_spooling_in(cfg, retry, spool)?);
         let queue = Arc::new(Queue::open(&cfg.state_dir)?);
         let roots = Arc::new(GcRoots::new(cfg.gc_roots_dir.clone()));
+        // Roots planted there would be adopted and uploaded: refuse a directory others control.
+        roots.check()?;
         // The pipeline loaded (or generated) the key already; this only reads it again.
         let public_key = crate::app::signing_key(cfg, pipeline.target().nar_format())
             .ok()
@@ -250,20 +257,27 @@ impl Drainer {
     /// because the reason the disk is full is what `status` must show.
     fn write_state(&mut self) {
         let path = self.state_dir.join(STATE_FILE);
-        let tmp = self.state_dir.join(format!(".{STATE_FILE}.tmp"));
+        let tmp = format!(".{STATE_FILE}.tmp");
         let json = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        let atomic = (|| -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            std::fs::rename(&tmp, &path)
-        })();
-        let result = atomic.or_else(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
-            f.write_all(&json)
-                .and_then(|()| f.set_len(json.len() as u64))
-                .map_err(|_| e)
-        });
+        // Nothing here follows a symlink: the temporary file is created exclusively (a stale
+        // one from a crash is removed first), the fallback opens with O_NOFOLLOW.
+        let result = PrivateDir::open(&self.state_dir)
+            .map_err(std::io::Error::other)
+            .and_then(|dir| {
+                let atomic = (|| -> std::io::Result<()> {
+                    dir.remove(&tmp)?;
+                    let mut f = dir.create_new(&tmp)?;
+                    f.write_all(&json)?;
+                    dir.rename(&tmp, STATE_FILE)
+                })();
+                atomic.or_else(|e| {
+                    let _ = dir.remove(&tmp);
+                    let mut f = dir.open_write(STATE_FILE)?;
+                    f.write_all(&json)
+                        .and_then(|()| f.set_len(json.len() as u64))
+                        .map_err(|_| e)
+                })
+            });
         match result {
             Ok(()) => self.resolved("state", "the status file is written again"),
             Err(e) => {

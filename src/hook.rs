@@ -16,7 +16,9 @@
 //! ones are reported and skipped, the rest go on.
 //!
 //! Order of work, chosen for crash safety: open the queue (so an unusable state directory
-//! is found before anything is changed), then create GC roots, then enqueue (fsynced; the
+//! is found before anything is changed; one that someone else could write to is refused,
+//! see [`crate::private_dir`], but its paths still get their GC roots, which the daemon
+//! adopts once the directory is fixed), then create GC roots, then enqueue (fsynced; the
 //! drainer fsyncs the roots, see [`crate::queue`]'s GC roots). A queued path is thus always
 //! protected from garbage collection; a crash between the two steps, or an enqueue that
 //! fails (disk full), leaves a root without an entry, which the daemon finds and queues
@@ -30,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::drv;
 use crate::format::store_path::StorePath;
-use crate::queue::{GcRoots, Producer};
+use crate::queue::{GcRoots, Producer, QueueError};
 
 /// Where the hook writes.
 #[derive(Debug, Clone)]
@@ -137,17 +139,11 @@ fn hook(cfg: &HookConfig, env: &HookEnv, report: &mut Vec<String>) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let queue = match Producer::open(&cfg.state_dir) {
-        Ok(q) => q,
-        Err(e) => {
-            report.push(format!(
-                "{e}; not queued: {paths}; fix the state directory, then run `narpost push {paths}`",
-                paths = listed()
-            ));
-            return;
-        }
-    };
-    let rooted = match GcRoots::new(&cfg.gcroots_dir).protect_all(&paths) {
+    let roots = GcRoots::new(&cfg.gcroots_dir);
+    let protect = |report: &mut Vec<String>| match roots
+        .check()
+        .and_then(|()| roots.protect_all(&paths))
+    {
         Ok(()) => true,
         Err(e) => {
             report.push(format!(
@@ -156,6 +152,32 @@ fn hook(cfg: &HookConfig, env: &HookEnv, report: &mut Vec<String>) {
             false
         }
     };
+    let queue = match Producer::open(&cfg.state_dir) {
+        Ok(q) => q,
+        Err(QueueError::Dir(e)) if e.is_refusal() => {
+            // The directory exists and is the configured one, only someone else could steer
+            // writes into it: the paths keep GC roots, which the daemon adopts once the
+            // directory is fixed, so nothing built is lost meanwhile.
+            let rooted = protect(report);
+            let paths = listed();
+            report.push(if rooted {
+                format!(
+                    "{e}; not queued: {paths}; their GC roots stay, and the daemon queues them once the state directory is fixed (or run `narpost push {paths}`)"
+                )
+            } else {
+                format!("{e}; not queued: {paths}; fix the state directory, then run `narpost push {paths}`")
+            });
+            return;
+        }
+        Err(e) => {
+            report.push(format!(
+                "{e}; not queued: {paths}; fix the state directory, then run `narpost push {paths}`",
+                paths = listed()
+            ));
+            return;
+        }
+    };
+    let rooted = protect(report);
     if let Err(e) = queue.enqueue(&paths, drv.as_deref()) {
         let paths = listed();
         report.push(if rooted {

@@ -6,10 +6,11 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::format::signing::{PublicKey, SigningKey};
+use crate::private_dir::PrivateDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -35,6 +36,16 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path}: owned by uid {owner}, but narpost runs as uid {euid}; refusing a default key someone else could have planted (remove it to have a new one generated, or name a key with --key)"
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+    #[error(transparent)]
+    Dir(#[from] crate::private_dir::DirError),
     #[error("{path}: already exists; refusing to overwrite a key")]
     Exists { path: PathBuf },
     #[error(
@@ -43,22 +54,43 @@ pub enum KeyError {
     BadName { name: String },
 }
 
-/// Loads a Nix secret key file, refusing one that others can read.
+/// Secret key files are one line of about a hundred bytes.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+/// Loads a Nix secret key file, refusing one that others can read. The path may be a
+/// symlink (secret managers install keys that way).
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(KeyError::Missing {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(source) => {
-            return Err(KeyError::Read {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+    // Non-blocking, so a FIFO at the path is refused below rather than waited on.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path);
+    match file {
+        Ok(file) => load_open(path, file, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KeyError::Missing {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The checks and the parse, on the open file (so what is checked is what is read). With
+/// `must_own`, a file owned by anyone but this user is refused too.
+fn load_open(path: &Path, file: fs::File, must_own: bool) -> Result<SigningKey, KeyError> {
+    let read_err = |source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
     };
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(KeyError::Malformed {
+            path: path.to_path_buf(),
+            reason: "not a regular file".to_owned(),
+        });
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen {
@@ -66,9 +98,18 @@ pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
             mode,
         });
     }
-    let text = fs::read_to_string(path).map_err(|source| KeyError::Read {
+    let euid = rustix::process::geteuid().as_raw();
+    if must_own && meta.uid() != euid {
+        return Err(KeyError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let bytes = crate::private_dir::read_capped(file, MAX_KEY_FILE).map_err(read_err)?;
+    let text = String::from_utf8(bytes).map_err(|_| KeyError::Malformed {
         path: path.to_path_buf(),
-        source,
+        reason: "not UTF-8 text".to_owned(),
     })?;
     SigningKey::parse(text.trim()).map_err(|e| KeyError::Malformed {
         path: path.to_path_buf(),
@@ -128,10 +169,14 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), KeyError> {
 
 fn write_pair(key: &SigningKey, sec: &Path, public: &Path) -> Result<(), KeyError> {
     if let Some(dir) = sec.parent() {
-        fs::create_dir_all(dir).map_err(|source| KeyError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| KeyError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
     }
     // Nix writes key files without a trailing newline; so do we, so `$(cat pub)` is exact.
     write_new(sec, &key.to_nix_string(), 0o600)?;
@@ -142,11 +187,15 @@ fn write_pair(key: &SigningKey, sec: &Path, public: &Path) -> Result<(), KeyErro
 /// `<hostname>-1`. Returns the key and, when it was just created, its public key so the caller
 /// can tell the user what to put in `trusted-public-keys`.
 pub fn default_key(state_dir: &Path) -> Result<(SigningKey, Option<PublicKey>), KeyError> {
-    let sec = state_dir.join("signing.sec");
-    match load_signing_key(&sec) {
-        Ok(k) => return Ok((k, None)),
-        Err(KeyError::Missing { .. }) => {}
-        Err(e) => return Err(e),
+    // The state directory is checked first (see `crate::private_dir`), and the key in it is
+    // opened without following a link: someone who could plant or swap it would choose the
+    // key every upload is signed with.
+    let dir = PrivateDir::open(state_dir)?;
+    let sec = dir.join("signing.sec");
+    match dir.open_read("signing.sec") {
+        Ok(file) => return Ok((load_open(&sec, file, true)?, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(KeyError::Read { path: sec, source }),
     }
     let name = format!("{}-1", hostname());
     let key = SigningKey::generate(&name).map_err(|e| KeyError::Write {
@@ -159,7 +208,15 @@ pub fn default_key(state_dir: &Path) -> Result<(SigningKey, Option<PublicKey>), 
             Ok((key, Some(public)))
         }
         // Another process created it first: use theirs.
-        Err(KeyError::Exists { .. }) => Ok((load_signing_key(&sec)?, None)),
+        Err(KeyError::Exists { .. }) => {
+            let file = dir
+                .open_read("signing.sec")
+                .map_err(|source| KeyError::Read {
+                    path: sec.clone(),
+                    source,
+                })?;
+            Ok((load_open(&sec, file, true)?, None))
+        }
         Err(e) => Err(e),
     }
 }

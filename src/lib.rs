@@ -13,6 +13,7 @@
 //! - [`config`]: file < environment < flags, resolved into one [`config::Config`]; embedded defaults.
 //! - [`keys`]: loading the signing key, generating the embedded default key.
 //! - [`queue`]: the durable on-disk queue of paths waiting for upload.
+//! - [`private_dir`]: the state directory and its files, refused when someone else could steer writes to them.
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
@@ -38,6 +39,7 @@ pub mod hook;
 pub mod keys;
 pub mod pipeline;
 pub mod priority;
+pub mod private_dir;
 pub mod progress;
 pub mod queue;
 pub mod setup;

@@ -49,16 +49,20 @@ pub struct CorruptStatus {
 
 pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
     let queue = Queue::open(&cfg.state_dir)?;
-    let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
+    // Read without following links and with a bound, like everything in the state directory.
+    let dir = crate::private_dir::PrivateDir::open(&cfg.state_dir)?;
+    let state: Option<DrainState> = dir
+        .read(STATE_FILE, 1 << 20)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let configured_key = || match &cfg.key_file {
         Some(p) => crate::keys::load_signing_key(p)
             .ok()
             .map(|k| k.public().to_nix_string()),
-        None => std::fs::read_to_string(cfg.state_dir.join("signing.pub"))
+        None => dir
+            .read("signing.pub", 64 * 1024)
             .ok()
-            .map(|s| s.trim().to_string()),
+            .map(|s| String::from_utf8_lossy(&s).trim().to_string()),
     };
     let (cache, public_key) = match &state {
         Some(s) => (s.cache.clone(), s.public_key.clone()),

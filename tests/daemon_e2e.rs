@@ -968,10 +968,18 @@ impl Mount {
         Mount(dir.to_path_buf())
     }
 
+    /// A tmpfs at `dir`, private like a state directory (a tmpfs root is 1777 by default,
+    /// which narpost refuses as a state directory).
     fn tmpfs(dir: &Path, size: &str) -> Mount {
         fs::create_dir_all(dir).expect("create the mount point");
         Mount::new(
-            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ],
             dir,
         )
     }

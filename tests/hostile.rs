@@ -539,3 +539,194 @@ fn status_escapes_names_of_corrupt_files() {
         "{json}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. A state directory someone else controls
+
+/// `nobody`, the owner of the hostile directories (as root, any uid other than ours will do).
+const NOBODY: u32 = 65534;
+
+fn chown_nobody(path: &Path) {
+    std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).expect("chown (needs root)");
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn a_state_directory_owned_by_someone_else_is_refused_and_nothing_is_written_through_its_links() {
+    assert_eq!(
+        rustix::process::geteuid().as_raw(),
+        0,
+        "these tests run as root"
+    );
+    let env = Env::new();
+    let (key, _) = env.keygen("state-1");
+    let cache = format!("file://{}", env.path().join("cache").display());
+    // As a CI job or a user would find it at a predictable path: owned by nobody, its
+    // subdirectories open to all, two links planted by its owner.
+    let state = env.state();
+    fs::create_dir(&state).expect("mkdir");
+    for sub in ["queue", "tmp", "corrupt", "failed"] {
+        fs::create_dir(state.join(sub)).expect("mkdir");
+        fs::set_permissions(state.join(sub), fs::Permissions::from_mode(0o777)).expect("chmod");
+        chown_nobody(&state.join(sub));
+    }
+    let victim = env.path().join("root-only");
+    fs::write(&victim, "precious").expect("write");
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let created = env.path().join("created-by-root");
+    let tmp_link = state.join(format!(".{}.tmp", narpost::daemon::STATE_FILE));
+    let lock_link = state.join(narpost::daemon::LOCK_FILE);
+    std::os::unix::fs::symlink(&victim, &tmp_link).expect("plant");
+    std::os::unix::fs::symlink(&created, &lock_link).expect("plant");
+    chown_nobody(&tmp_link);
+    chown_nobody(&lock_link);
+    chown_nobody(&state);
+    let untouched = || {
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "precious");
+        assert_eq!(mode(&victim), 0o600);
+        assert!(
+            fs::symlink_metadata(&created).is_err(),
+            "{created:?} was created"
+        );
+    };
+
+    let refused = |cmd: &mut Command, what: &str| {
+        let started = Instant::now();
+        let out = cmd.output().expect("run narpost");
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        let lines = error_lines(&err);
+        assert_eq!(lines.len(), 1, "{what}: {err}");
+        lines[0].to_owned()
+    };
+    let daemon = || {
+        let mut cmd = env.narpost();
+        cmd.args(["daemon", "--to", &cache, "--key"]).arg(&key);
+        cmd
+    };
+    let line = refused(&mut daemon(), "daemon");
+    assert!(line.contains(&state.display().to_string()), "{line}");
+    assert!(line.contains("owned by uid 65534"), "{line}");
+    assert!(line.contains("--state-dir"), "says what to do: {line}");
+    untouched();
+    for cmd in [
+        vec!["status"],
+        vec![
+            "push",
+            "--to",
+            &cache,
+            "/nix/store/00000000000000000000000000000000-x",
+        ],
+    ] {
+        let line = refused(env.narpost().args(&cmd), cmd[0]);
+        assert!(line.contains("owned by uid 65534"), "{line}");
+    }
+    untouched();
+
+    // The hook: exit 0 and one line, and the path keeps a GC root, from which the daemon
+    // queues it once the directory is fixed.
+    let built = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-narpost-t-refused";
+    let gcroots = env.path().join("gcroots");
+    let out = Command::new(env!("CARGO_BIN_EXE_narpost-hook"))
+        .arg("--state-dir")
+        .arg(&state)
+        .env("NARPOST_GC_ROOTS_DIR", &gcroots)
+        .env("OUT_PATHS", built)
+        .env("DRV_PATH", "")
+        .output()
+        .expect("run narpost-hook");
+    assert_eq!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("owned by uid 65534"), "{err}");
+    assert!(lines[0].contains(built), "names the path: {err}");
+    assert_eq!(
+        fs::read_link(gcroots.join(&built["/nix/store/".len()..])).expect("a GC root"),
+        Path::new(built)
+    );
+    untouched();
+
+    // Owned by us again, but with the planted links still there and the subdirectories
+    // still someone else's: each is refused in turn, by name.
+    std::os::unix::fs::lchown(&state, Some(0), Some(0)).expect("chown");
+    let line = refused(&mut daemon(), "daemon, planted lock link");
+    assert!(line.contains("symbolic link"), "{line}");
+    untouched();
+    fs::remove_file(&lock_link).expect("rm");
+    let line = refused(&mut daemon(), "daemon, foreign subdirectories");
+    assert!(line.contains("owned by uid 65534"), "{line}");
+    assert!(
+        ["queue", "tmp", "corrupt", "failed"]
+            .iter()
+            .any(|sub| line.contains(&state.join(sub).display().to_string())),
+        "names the subdirectory: {line}"
+    );
+    for sub in ["queue", "tmp", "corrupt", "failed"] {
+        std::os::unix::fs::lchown(state.join(sub), Some(0), Some(0)).expect("chown");
+    }
+    let line = refused(&mut daemon(), "daemon, subdirectories open to all");
+    assert!(line.contains("mode 0777"), "{line}");
+    assert!(line.contains("chmod go-w"), "{line}");
+    untouched();
+}
+
+#[test]
+fn directories_narpost_creates_are_private_and_a_planted_default_key_is_refused() {
+    let env = Env::new();
+    let state = env.state();
+    let cache = env.path().join("cache");
+    let path = build_one(&env, "private-dirs");
+    // The embedded default key and the state directory are made on first use.
+    run(env
+        .narpost()
+        .args(["push", "--to", &format!("file://{}", cache.display())])
+        .arg(path.to_absolute()));
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("signing.sec")), 0o600);
+    // A push to an HTTP cache spools in the state directory.
+    let nginx = Nginx::start(env.path());
+    run(env
+        .narpost()
+        .args(["push", "--to", &nginx.url()])
+        .arg(path.to_absolute()));
+    assert_eq!(mode(&state.join("spool")), 0o700);
+    run(env.narpost().arg("status"));
+    for sub in ["queue", "tmp", "corrupt", "failed"] {
+        assert_eq!(mode(&state.join(sub)), 0o700, "{sub}");
+    }
+
+    // A default key swapped for a link (to a key someone else chose) is not used.
+    let (other, _) = env.keygen("planted-1");
+    fs::remove_file(state.join("signing.sec")).expect("rm");
+    std::os::unix::fs::symlink(&other, state.join("signing.sec")).expect("plant");
+    let out = env
+        .narpost()
+        .args([
+            "push",
+            "--to",
+            &format!("file://{}", env.path().join("c2").display()),
+        ])
+        .arg(path.to_absolute())
+        .output()
+        .expect("run narpost");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("signing.sec"), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    let signed = fs::read_dir(env.path().join("c2"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+        })
+        .unwrap_or(false);
+    assert!(!signed, "nothing was signed with the planted key");
+}

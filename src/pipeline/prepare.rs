@@ -63,7 +63,13 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
             Some("check free space and permissions of the state directory".into()),
         )
     };
-    std::fs::create_dir_all(dir).map_err(spool_err)?;
+    // What waits here names what the machine built: private, like the rest of the state.
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(spool_err)?;
     let tmp = tempfile::Builder::new()
         .prefix(".narpost-")
         .suffix(".nar.zst")

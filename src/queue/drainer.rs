@@ -4,40 +4,42 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::record::{FailedRecord, decode_record, read_limited};
 use super::{
     CorruptFile, Corruption, Entry, EntryId, EntryOrCorrupt, FailedEntry, Producer, QueueError,
-    create_private_dir, parse_entry_name, sync_dir, unix_nanos, write_synced,
+    parse_entry_name, sync_dir, unix_nanos, write_synced,
 };
 use crate::format::store_path::StorePath;
+use crate::private_dir::PrivateDir;
 
 /// Temp files younger than this may belong to a producer that is still writing.
 const TEMP_GRACE: Duration = Duration::from_secs(60);
+/// Failure records and reasons are a few kilobytes; a larger file is not one of ours.
+const MAX_RECORD_LEN: u64 = 1 << 20;
 
 /// Handle on a state directory's queue, for its consumer (the drainer) and for `status`.
 /// `Send + Sync`; its methods block (call them from `spawn_blocking` in async code).
 #[derive(Debug)]
 pub struct Queue {
     producer: Producer,
-    corrupt_dir: PathBuf,
-    failed_dir: PathBuf,
+    corrupt: PrivateDir,
+    failed: PrivateDir,
 }
 
 impl Queue {
-    /// Creates the directories if needed and removes temp files left by a crash.
+    /// Creates the directories if needed, refuses them if someone else could write to
+    /// them (see [`crate::private_dir`]), and removes temp files left by a crash.
     pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
-        let dir = |name: &str| -> Result<PathBuf, QueueError> {
-            let path = state_dir.join(name);
-            create_private_dir(&path)?;
-            Ok(path)
-        };
+        let state = PrivateDir::open(state_dir)?;
+        let corrupt = state.subdir("corrupt")?;
+        let failed = state.subdir("failed")?;
         let queue = Queue {
-            producer: Producer::open(state_dir)?,
-            corrupt_dir: dir("corrupt")?,
-            failed_dir: dir("failed")?,
+            producer: Producer::open_in(&state)?,
+            corrupt,
+            failed,
         };
         queue.remove_stale_temps();
         Ok(queue)
@@ -143,7 +145,7 @@ impl Queue {
                     None => tracing::warn!(
                         "{}: corrupt queue entry ({reason}); could not move it to {}",
                         self.producer.queue_dir.join(&file).display(),
-                        self.corrupt_dir.display()
+                        self.corrupt.path().display()
                     ),
                 },
             }
@@ -184,17 +186,15 @@ impl Queue {
     /// Moves a refused file out of the way, with its reason beside it for whoever looks.
     fn quarantine(&self, name: &str, reason: Corruption) -> EntryOrCorrupt {
         let src = self.producer.queue_dir.join(name);
-        let mut dest = self.corrupt_dir.join(name);
+        let mut dest = self.corrupt.path().join(name);
         let mut n = 1;
         while dest.exists() && n < 1000 {
-            dest = self.corrupt_dir.join(format!("{name}.{n}"));
+            dest = self.corrupt.path().join(format!("{name}.{n}"));
             n += 1;
         }
         let quarantined_to = match fs::rename(&src, &dest) {
             Ok(()) => {
-                let mut note = dest.clone().into_os_string();
-                note.push(".reason");
-                let _ = fs::write(PathBuf::from(note), format!("{reason}\n"));
+                self.write_reason(&dest, &reason);
                 Some(dest)
             }
             Err(_) => None,
@@ -203,6 +203,19 @@ impl Queue {
             file: name.to_owned(),
             reason,
             quarantined_to,
+        }
+    }
+
+    /// Best effort: the `.reason` beside a quarantined file, never written through a link.
+    fn write_reason(&self, dest: &Path, reason: &Corruption) {
+        let Some(name) = dest.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        let note = format!("{name}.reason");
+        // A stale note of an earlier file by the same name is replaced, not appended to.
+        let _ = self.corrupt.remove(&note);
+        if let Ok(mut file) = self.corrupt.create_new(&note) {
+            let _ = io::Write::write_all(&mut file, format!("{reason}\n").as_bytes());
         }
     }
 
@@ -239,18 +252,18 @@ impl Queue {
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
         let file_name = format!("{}.json", id.as_str());
         let tmp = self.producer.tmp_dir.join(&file_name);
-        let dest = self.failed_dir.join(&file_name);
+        let dest = self.failed.path().join(&file_name);
         write_synced(&tmp, &json)?;
         if let Err(source) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
             return Err(QueueError::Write { path: dest, source });
         }
-        sync_dir(&self.failed_dir)?;
+        sync_dir(self.failed.path())?;
         self.ack(id)
     }
 
     fn failed_names(&self) -> HashSet<String> {
-        let Ok(dir) = fs::read_dir(&self.failed_dir) else {
+        let Ok(dir) = fs::read_dir(self.failed.path()) else {
             return HashSet::new();
         };
         dir.flatten()
@@ -265,11 +278,11 @@ impl Queue {
     /// with no paths and the problem as its reason, so it is not silently invisible.
     pub fn failed(&self) -> Result<Vec<FailedEntry>, QueueError> {
         let list_err = |source| QueueError::List {
-            path: self.failed_dir.clone(),
+            path: self.failed.path().to_path_buf(),
             source,
         };
         let mut out = Vec::new();
-        for item in fs::read_dir(&self.failed_dir).map_err(list_err)? {
+        for item in fs::read_dir(self.failed.path()).map_err(list_err)? {
             let item = item.map_err(list_err)?;
             let file_name = item.file_name();
             let Some(id) = file_name
@@ -279,7 +292,9 @@ impl Queue {
             else {
                 continue;
             };
-            let parsed = fs::read(item.path())
+            let parsed = self
+                .failed
+                .read(&file_name.to_string_lossy(), MAX_RECORD_LEN)
                 .map_err(|e| e.to_string())
                 .and_then(|b| {
                     serde_json::from_slice::<FailedRecord>(&b).map_err(|e| e.to_string())
@@ -311,18 +326,20 @@ impl Queue {
     /// beside it (or why that could not be read).
     pub fn corrupt(&self) -> Result<Vec<CorruptFile>, QueueError> {
         let list_err = |source| QueueError::List {
-            path: self.corrupt_dir.clone(),
+            path: self.corrupt.path().to_path_buf(),
             source,
         };
         let mut out = Vec::new();
-        for item in fs::read_dir(&self.corrupt_dir).map_err(list_err)? {
+        for item in fs::read_dir(self.corrupt.path()).map_err(list_err)? {
             let item = item.map_err(list_err)?;
             let name = item.file_name().to_string_lossy().into_owned();
             if name.ends_with(".reason") {
                 continue;
             }
-            let reason = fs::read_to_string(self.corrupt_dir.join(format!("{name}.reason")))
-                .map(|r| r.trim().to_owned())
+            let reason = self
+                .corrupt
+                .read(&format!("{name}.reason"), MAX_RECORD_LEN)
+                .map(|r| String::from_utf8_lossy(&r).trim().to_owned())
                 .unwrap_or_else(|e| format!("reason not recorded: {e}"));
             out.push(CorruptFile {
                 file: item.path(),

@@ -21,7 +21,10 @@
 //! [`crate::daemon`].)
 //!
 //! Directories are created with mode 0700 and files with 0600: entries name what was
-//! built on the machine, which is nobody else's business.
+//! built on the machine, which is nobody else's business. An existing state directory, or
+//! one of these, that someone else owns or may write to is refused (see
+//! [`crate::private_dir`]): whoever controls it could plant links that the root daemon
+//! would write through, or entries it would upload.
 //!
 //! Names sort by enqueue time, so name order is oldest first, and the oldest entry's age
 //! comes from a name without opening the file. The pid and 64 random bits keep names
@@ -150,10 +153,10 @@ mod producer;
 mod record;
 mod roots;
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -163,14 +166,15 @@ pub use producer::Producer;
 pub use roots::{GcRootError, GcRoots};
 
 use crate::format::store_path::StorePath;
+use crate::private_dir::DirError;
 use record::VERSION;
 
 const ENTRY_SUFFIX: &str = ".entry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("{path}: cannot create queue directory: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Dir(#[from] DirError),
     #[error("{path}: cannot write queue entry: {source}")]
     Write { path: PathBuf, source: io::Error },
     #[error("{path}: cannot make queue change durable (fsync failed): {source}")]
@@ -304,17 +308,6 @@ pub struct CorruptFile {
     pub reason: String,
 }
 
-pub(super) fn create_private_dir(path: &Path) -> Result<(), QueueError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| QueueError::CreateDir {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 pub(super) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -342,6 +335,7 @@ pub(super) fn write_synced(path: &Path, data: &[u8]) -> Result<(), QueueError> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .mode(0o600)
             .open(path)?;
         let written = file.write_all(data).and_then(|()| file.sync_data());

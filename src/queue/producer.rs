@@ -1,17 +1,15 @@
 //! The producer: what the post-build hook needs to add one entry (see
 //! [Concurrency](super#concurrency)).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::record::{Payload, encode_record};
-use super::{
-    EntryId, QueueError, create_private_dir, new_entry_name, rename_noreplace, unix_nanos,
-    write_synced,
-};
+use super::{EntryId, QueueError, new_entry_name, rename_noreplace, unix_nanos, write_synced};
 use crate::format::store_path::StorePath;
+use crate::private_dir::PrivateDir;
 
 /// The producer's side of a queue: all a post-build hook needs to add an entry. Opening
 /// it touches only `queue/` and `tmp/`, because every build waits for the hook; the
@@ -19,36 +17,27 @@ use crate::format::store_path::StorePath;
 /// [`Queue::open`](super::Queue::open).
 #[derive(Debug)]
 pub struct Producer {
+    /// Kept open so every enqueue and ack can fsync the directory without opening it.
+    pub(super) queue: PrivateDir,
     pub(super) queue_dir: PathBuf,
     pub(super) tmp_dir: PathBuf,
-    /// Kept open so every enqueue and ack can fsync the directory without opening it.
-    queue_dir_handle: File,
 }
 
 impl Producer {
-    /// Creates `queue/` and `tmp/` if needed.
+    /// Creates the state directory, `queue/` and `tmp/` if needed, and refuses them if
+    /// someone else could write to them (see [`crate::private_dir`]). An open and an
+    /// `fstat` per directory: the hook pays for this on every build.
     pub fn open(state_dir: &Path) -> Result<Producer, QueueError> {
-        let queue_dir = state_dir.join("queue");
-        let tmp_dir = state_dir.join("tmp");
-        // The common case is that both exist; trying the open first saves two mkdirs and
-        // two stats per build.
-        let queue_dir_handle = match File::open(&queue_dir) {
-            Ok(handle) => handle,
-            Err(_) => {
-                create_private_dir(&queue_dir)?;
-                File::open(&queue_dir).map_err(|source| QueueError::List {
-                    path: queue_dir.clone(),
-                    source,
-                })?
-            }
-        };
-        if fs::symlink_metadata(&tmp_dir).is_err() {
-            create_private_dir(&tmp_dir)?;
-        }
+        Producer::open_in(&PrivateDir::open(state_dir)?)
+    }
+
+    pub(super) fn open_in(state: &PrivateDir) -> Result<Producer, QueueError> {
+        let queue = state.subdir("queue")?;
+        let tmp = state.subdir("tmp")?;
         Ok(Producer {
-            queue_dir,
-            tmp_dir,
-            queue_dir_handle,
+            queue_dir: queue.path().to_path_buf(),
+            tmp_dir: tmp.path().to_path_buf(),
+            queue,
         })
     }
 
@@ -90,11 +79,9 @@ impl Producer {
     }
 
     pub(super) fn sync_queue_dir(&self) -> Result<(), QueueError> {
-        self.queue_dir_handle
-            .sync_all()
-            .map_err(|source| QueueError::Sync {
-                path: self.queue_dir.clone(),
-                source,
-            })
+        self.queue.sync().map_err(|source| QueueError::Sync {
+            path: self.queue_dir.clone(),
+            source,
+        })
     }
 }

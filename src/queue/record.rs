@@ -1,8 +1,9 @@
 //! The entry file format (see [Record format](super#record-format)) and the record of a
 //! failed entry.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -89,7 +90,12 @@ pub(super) fn decode_record(bytes: &[u8]) -> Result<Payload, Corruption> {
 
 /// The file's bytes, or `Err(size)` inside `Ok` when it is too large to be an entry.
 pub(super) fn read_limited(path: &Path) -> io::Result<Result<Vec<u8>, u64>> {
-    let file = File::open(path)?;
+    // Never through a link, and never blocking on a FIFO someone left in the queue.
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
     let size = file.metadata()?.len();
     if size > MAX_ENTRY_LEN {
         return Ok(Err(size));

@@ -9,9 +9,12 @@ use std::time::SystemTime;
 
 use super::new_entry_name;
 use crate::format::store_path::StorePath;
+use crate::private_dir::DirError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcRootError {
+    #[error(transparent)]
+    Dir(#[from] DirError),
     #[error("{path}: cannot create GC root directory: {source}")]
     CreateDir { path: PathBuf, source: io::Error },
     #[error("{path}: cannot create GC root: {source}")]
@@ -37,6 +40,13 @@ impl GcRoots {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Refuses a roots directory that someone else owns or may write to: they could plant
+    /// roots, which the drainer would adopt and upload, or remove them (see
+    /// [`crate::private_dir`]). A missing directory is fine; it is created 0700.
+    pub fn check(&self) -> Result<(), GcRootError> {
+        Ok(crate::private_dir::check_existing(&self.dir)?)
     }
 
     /// Protects one path; see [`GcRoots::protect_all`].
@@ -76,7 +86,7 @@ impl GcRoots {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 DirBuilder::new()
                     .recursive(true)
-                    .mode(0o755)
+                    .mode(0o700)
                     .create(&self.dir)
                     .map_err(|source| GcRootError::CreateDir {
                         path: self.dir.clone(),
