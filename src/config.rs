@@ -18,6 +18,7 @@
 //! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
 //! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
 //! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
+//! metrics-listen = "127.0.0.1:9464"        # serve Prometheus metrics at /metrics (off by default)
 //! priority = "idle"                         # or "normal"; default idle for the daemon and watchers, normal for push
 //! ```
 //!
@@ -75,6 +76,7 @@ struct FileConfig {
     upload_logs: Option<bool>,
     max_log_size: Option<u64>,
     priority: Option<Priority>,
+    metrics_listen: Option<String>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -106,6 +108,8 @@ pub struct Config {
     pub http_timeout: Duration,
     /// `priority` or `NARPOST_PRIORITY`; `None` leaves it to the command.
     pub priority: Option<Priority>,
+    /// `metrics-listen` or `NARPOST_METRICS_LISTEN`: where to serve Prometheus metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
     /// Key names whose signature in the local store means upstream serves the path.
@@ -212,11 +216,33 @@ impl Config {
             })?),
             None => file.priority,
         };
+        let metrics_listen =
+            match env("NARPOST_METRICS_LISTEN") {
+                Some(v) => {
+                    Some(
+                        crate::metrics::parse_listen(&v).map_err(|reason| ConfigError::Env {
+                            var: "NARPOST_METRICS_LISTEN",
+                            value: v.clone(),
+                            reason,
+                        })?,
+                    )
+                }
+                None => match file.metrics_listen {
+                    Some(v) => Some(crate::metrics::parse_listen(&v).map_err(|reason| {
+                        ConfigError::Parse {
+                            path: config_file.clone().unwrap_or_default(),
+                            message: format!("metrics-listen = {v:?}: {reason}"),
+                        }
+                    })?),
+                    None => None,
+                },
+            };
         Ok(Config {
             upstream_keys,
             upload_logs,
             max_log_size,
             priority,
+            metrics_listen,
             cache,
             cache_is_default,
             key_file,

@@ -203,7 +203,10 @@ impl Drainer {
             .path()
             .to_path_buf();
         clear_dir(&spool);
-        let pipeline = Arc::new(crate::app::pipeline_spooling_in(cfg, retry, spool)?);
+        let pipeline = Arc::new(
+            crate::app::pipeline_spooling_in(cfg, retry, spool)?
+                .with_events(crate::metrics::events()),
+        );
         let queue = Arc::new(Queue::open(&cfg.state_dir)?);
         let roots = Arc::new(GcRoots::new(cfg.gc_roots_dir.clone()));
         // Roots planted there would be adopted and uploaded: refuse a directory others control.
@@ -460,6 +463,7 @@ impl Drainer {
             }
         };
         let report = self.pipeline.execute(&plan, cancel).await;
+        crate::metrics::global().record_report(&report);
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
         self.state.left_upstream += report.left_upstream as u64;

@@ -18,6 +18,7 @@
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
 //! - [`failed_builds`]: uploads the build logs of failed builds for the watchers.
+//! - [`metrics`]: Prometheus metrics of the drainer, served at `/metrics`.
 //! - [`priority`]: yielding the CPU and the disk to builds (sessions, autogroups, nice, I/O class).
 //! - [`status`]: what `narpost status` reports.
 //! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.
@@ -37,6 +38,7 @@ pub mod failed_builds;
 pub mod format;
 pub mod hook;
 pub mod keys;
+pub mod metrics;
 pub mod pipeline;
 pub mod priority;
 pub mod private_dir;

@@ -101,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let result = rt.block_on(async {
                 narpost::priority::restore_on_stop_signal()?;
+                narpost::metrics::serve(&cfg).await?;
                 narpost::daemon::run_daemon(cfg).await
             });
             // A NAR still being compressed on a blocking thread must not hold the exit past
@@ -121,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let result = rt.block_on(async {
                 narpost::priority::restore_on_stop_signal()?;
+                narpost::metrics::serve(&cfg).await?;
                 narpost::watch::watch_store(cfg, opts).await
             });
             // As for the daemon: a compression still running must not outlast the deadline.
@@ -142,7 +144,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The command runs at the priority narpost was started with (see priority).
             narpost::priority::enter(cfg.priority.unwrap_or(Priority::Idle), Some(&command));
             let rt = runtime()?;
-            let result = rt.block_on(narpost::watch::watch_exec(cfg, opts, command));
+            let result = rt.block_on(async {
+                narpost::metrics::serve(&cfg)
+                    .await
+                    .context("the command was not run")?;
+                narpost::watch::watch_exec(cfg, opts, command).await
+            });
             rt.shutdown_background();
             Ok(ExitCode::from(result?))
         }
