@@ -201,6 +201,25 @@ fn enabled_module_hooks_nix_and_runs_the_daemon() {
     assert_eq!(config["jobs"].as_integer(), Some(3));
     assert_eq!(config["compression-level"].as_integer(), Some(9));
     assert_eq!(config.len(), 5, "{config:?}");
+    // And narpost's own loader takes the file as the daemon will.
+    let file = secrets.path().join("narpost.toml");
+    std::fs::write(
+        &file,
+        e.json["environment"]["etc"]["narpost/narpost.toml"]["text"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let loaded = narpost::config::Config::load(
+        Some(&file),
+        Some(secrets.path().join("state")),
+        narpost::config::Overrides::default(),
+    )
+    .unwrap_or_else(|err| panic!("narpost refuses the module's config file: {err}"));
+    assert_eq!(loaded.cache, cache);
+    assert_eq!(loaded.key_file.as_deref(), Some(key.as_path()));
+    assert_eq!(loaded.token_file.as_deref(), Some(token.as_path()));
+    assert_eq!((loaded.jobs, loaded.compression_level), (3, 9));
     // A changed config restarts the daemon.
     let source = &e.json["environment"]["etc"]["narpost/narpost.toml"]["source"];
     assert_eq!(service["restartTriggers"], json!([source]));
