@@ -472,6 +472,12 @@ impl Drainer {
             // The path itself is in the cache; only `nix log` will lack this.
             tracing::warn!("{message}");
         }
+        if report.logs_skipped > 0 {
+            tracing::warn!(
+                "{} more build logs not tried after the cache failed one",
+                report.logs_skipped
+            );
+        }
 
         let failures: HashMap<&StorePath, &crate::pipeline::PathFailure> =
             report.failed.iter().map(|f| (&f.path, f)).collect();

@@ -132,10 +132,10 @@ async fn run(
                                 );
                                 count += 1;
                             }
-                            LogOutcome::Failed(message) => {
+                            LogOutcome::Failed { message, .. } => {
                                 eprintln!("narpost: build log: {message}")
                             }
-                            LogOutcome::NotUploaded => {}
+                            LogOutcome::NotUploaded | LogOutcome::Skipped => {}
                         }
                     }
                 }

@@ -114,11 +114,11 @@ pub fn summary(report: &Report) -> String {
         HumanBytes(report.nar_bytes),
         HumanBytes(report.file_bytes),
     ));
-    if report.logs_uploaded > 0 || !report.log_failures.is_empty() {
+    let not_uploaded = report.log_failures.len() + report.logs_skipped;
+    if report.logs_uploaded > 0 || not_uploaded > 0 {
         out.push_str(&format!(
-            "{} build logs uploaded, {} not uploaded\n",
-            report.logs_uploaded,
-            report.log_failures.len()
+            "{} build logs uploaded, {not_uploaded} not uploaded\n",
+            report.logs_uploaded
         ));
     }
     for f in &report.failed {

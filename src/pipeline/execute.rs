@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,6 +15,13 @@ use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 use crate::target::{ErrorKind, NarBody, PreparedNar, TargetError};
+
+/// Build logs during one run: whose are taken, and whether the cache failed one.
+#[derive(Default)]
+struct LogRun {
+    claimed: Mutex<HashSet<StorePath>>,
+    cache_failed: AtomicBool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -38,7 +46,9 @@ impl Pipeline {
         }
 
         // A derivation with several outputs has one log: the first output pushed takes it.
-        let logs_claimed = Arc::new(Mutex::new(HashSet::new()));
+        // Once the cache fails one log, the others of this run are not tried: whatever is
+        // wrong with it would cost every path a timeout while its entry waits.
+        let logs = Arc::new(LogRun::default());
         let mut tasks = Vec::new();
         for info in plan.paths.iter().filter(|p| plan.missing.contains(&p.path)) {
             let deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)> = info
@@ -64,7 +74,7 @@ impl Pipeline {
                 (semaphore.clone(), uploads.clone()),
                 cancel.clone(),
                 done_tx,
-                logs_claimed.clone(),
+                logs.clone(),
             ));
         }
         let results = futures::future::join_all(tasks).await;
@@ -89,7 +99,8 @@ impl Pipeline {
                     report.pushed.push(path);
                     match log {
                         LogOutcome::Uploaded { .. } => report.logs_uploaded += 1,
-                        LogOutcome::Failed(message) => report.log_failures.push(message),
+                        LogOutcome::Failed { message, .. } => report.log_failures.push(message),
+                        LogOutcome::Skipped => report.logs_skipped += 1,
                         LogOutcome::NotUploaded => {}
                     }
                 }
@@ -108,7 +119,7 @@ impl Pipeline {
         slots: (Arc<Semaphore>, Arc<Semaphore>),
         cancel: CancellationToken,
         done: watch::Sender<Option<Outcome>>,
-        logs_claimed: Arc<Mutex<HashSet<StorePath>>>,
+        logs: Arc<LogRun>,
     ) -> PathResult {
         let mut result = self.push_one_inner(&info, deps, &slots, &cancel).await;
         let outcome = match &result {
@@ -125,12 +136,13 @@ impl Pipeline {
         let _ = done.send(Some(outcome));
         // After the narinfo, and after telling referrers: a log never holds anything back.
         if let (PathResult::Pushed { log, .. }, Some(drv)) = (&mut result, &info.deriver) {
-            let first = logs_claimed
+            let first = logs
+                .claimed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(drv.clone());
             if first {
-                *log = self.upload_log(drv).await;
+                *log = self.upload_log_unless(drv, Some(&logs.cache_failed)).await;
             }
         }
         result

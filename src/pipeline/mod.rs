@@ -202,6 +202,8 @@ pub struct Report {
     pub logs_uploaded: usize,
     /// Build logs that could not be read or uploaded, one line each.
     pub log_failures: Vec<String>,
+    /// Build logs not tried because the cache had failed one already.
+    pub logs_skipped: usize,
     pub nar_bytes: u64,
     pub file_bytes: u64,
     pub elapsed: Duration,

@@ -342,6 +342,47 @@ async fn a_cache_without_a_place_for_logs_gets_none_and_no_complaint() {
 }
 
 #[tokio::test]
+async fn once_the_cache_fails_a_log_the_rest_of_the_run_are_not_tried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    for name in ["base", "left", "right", "top", "other"] {
+        built_by(dir.path(), &[name], &format!("{name}.drv"), b"output\n");
+    }
+    // Fails every log it is asked for (permanently, so no retries).
+    *fake.log_errors.lock().unwrap() = (0..5)
+        .map(|_| TargetError::permanent("500 Internal Server Error"))
+        .collect();
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["top", "other"]).await.expect("push");
+    assert!(report.complete() && report.pushed.len() == 5, "{report:?}");
+    let tried = report.log_failures.len();
+    assert_eq!(tried + report.logs_skipped, 5, "{report:?}");
+    // Only those already holding one of the two log slots when the first failed.
+    assert!((1..=LOG_SLOTS).contains(&tried), "{report:?}");
+    assert_eq!(fake.log_errors.lock().unwrap().len(), 5 - tried);
+}
+
+#[tokio::test]
+async fn an_empty_log_is_not_uploaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let store = store(dir.path(), DIAMOND);
+    built_by(dir.path(), &["other"], "other.drv", b"");
+    let p = pipeline(store, fake.clone(), dir.path());
+    let report = push_names(&p, &["other"]).await.expect("push");
+    assert_eq!((report.logs_uploaded, report.log_failures.len()), (0, 0));
+    assert!(
+        !fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("log "))
+    );
+}
+
+#[tokio::test]
 async fn a_failing_log_upload_is_retried_once_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = Arc::new(Fake::default());
