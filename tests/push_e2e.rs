@@ -424,7 +424,7 @@ fn build_chain_with_upstream_middle(env: &Env, upstream_key: &std::path::Path) -
         r#"{prelude}rec {{
   low = mk "narpost-up-low" "echo low > $out";
   mid = mk "narpost-up-mid" "echo ${{low}} > $out";
-  high = mk "narpost-up-high" "echo ${{mid}} > $out";
+  high = mk "narpost-up-high" "echo building high >&2; echo ${{mid}} > $out";
 }}
 "#,
         prelude = nix_prelude(&nonce())
