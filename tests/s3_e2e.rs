@@ -244,6 +244,13 @@ fn half_objects(cache: &CacheDir) -> Vec<String> {
         if rel == "nix-cache-info" || (rel.ends_with(".narinfo") && !rel.contains('/')) {
             continue;
         }
+        // Build logs are whole objects too: each goes up in one PUT.
+        if rel
+            .strip_prefix("log/")
+            .is_some_and(|drv| drv.ends_with(".drv") && !drv.contains('/'))
+        {
+            continue;
+        }
         let Some(name) = rel
             .strip_prefix("nar/")
             .and_then(|n| n.strip_suffix(".nar.zst"))
