@@ -1,162 +1,35 @@
-//! Draining the durable queue into the cache: `narpost daemon`, and the upload half of
-//! `watch-store` and `watch-exec`.
-//!
-//! One drainer per state directory, enforced by an exclusive lock on `<state>/drain.lock`,
-//! so two processes never upload the same entries. Beside the queue it keeps
-//! `<state>/drain-state.json` (what `status` shows, rewritten atomically) and
-//! `<state>/drain-spool/` (NARs compressed for uploads under way; emptied at start-up, since
-//! a predecessor killed mid-upload leaves its files there). The loop:
-//!
-//! - reads every queued entry (after adopting orphaned GC roots, see below), drops paths
-//!   that are no longer valid in the store (such an entry moves to the failed list with its
-//!   reason), and pushes the union of the rest, with their closures, through the one
-//!   pipeline (which skips what the cache has);
-//! - acknowledges an entry (deletes it, releases its GC roots) only when every one of its
-//!   paths is in the cache; an entry with a permanently failing path (NarHash mismatch) moves
-//!   to the failed list; anything transient stays queued;
-//! - while uploads fail (the cache down, or the spool disk full), waits with capped
-//!   exponential backoff and jitter, logging one line when they start failing and one when a
-//!   whole pass goes through again;
-//! - wakes up on inotify events in the queue directory (new entries), or every few seconds;
-//! - an error of its own (the state directory full or unreadable, the store database busy)
-//!   is logged once, shown by `status`, and retried with the same backoff; it never ends
-//!   the daemon, since nothing but the daemon would upload what the hooks keep queuing.
-//!
-//! Orphaned GC roots: a root with no queue entry holding its path is left by a hook that
-//! could not write its entry (disk full, state directory unwritable), by a corrupt entry set
-//! aside, or by a crash between two steps (see [`crate::queue`]). Every such path was built
-//! and meant for the cache, so the drainer queues it: at start-up all of them, later (every
-//! few minutes) those whose root is old enough that no hook can still be about to write the
-//! entry. A root whose path is gone from the store is removed.
-//!
-//! Shutdown: the first SIGTERM/SIGINT stops new work; uploads under way get `drain-timeout`
-//! to finish, then are dropped (nothing half-written becomes visible: NARs and narinfos are
-//! committed atomically by the targets); what is left stays queued. A second signal exits at
-//! once, which loses nothing either, since the queue is on disk.
+//! The drain loop (see the [module doc](super)): passes over the queue, backoff while
+//! uploads fail, and the end of a run.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::roots::{adopt_orphans, make_roots_durable};
+use super::{DrainState, SPOOL_DIR, STATE_FILE, now};
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{Pipeline, PipelineError, RetryPolicy};
 use crate::private_dir::PrivateDir;
-use crate::queue::{Entry, EntryId, EntryOrCorrupt, GcRoots, Queue};
-use crate::store::Store;
+use crate::queue::{EntryId, EntryOrCorrupt, GcRoots, Queue};
 
 /// Longest wait between attempts while the cache is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Rescan the queue this often even without inotify events.
 const POLL: Duration = Duration::from_secs(5);
+
 /// Look for orphaned GC roots this often after start-up.
 const ADOPT_EVERY: Duration = Duration::from_secs(300);
+
 /// A hook writes its entry milliseconds after its roots; a root this old without an entry
 /// is an orphan.
 const ADOPT_GRACE: Duration = Duration::from_secs(60);
-
-/// What the drainer publishes for `narpost status`, rewritten atomically after each batch.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DrainState {
-    pub pid: u32,
-    pub started_at: u64,
-    pub cache: String,
-    /// The public half of the signing key, for `trusted-public-keys`.
-    #[serde(default)]
-    pub public_key: Option<String>,
-    pub pushed: u64,
-    pub already_cached: u64,
-    /// Paths signed by an upstream key, not uploaded.
-    #[serde(default)]
-    pub left_upstream: u64,
-    /// Build logs uploaded, with their paths or (watchers) of failed builds.
-    #[serde(default)]
-    pub logs_uploaded: u64,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<u64>,
-    pub cache_down_since: Option<u64>,
-}
-
-/// How long [`DrainLock::acquire`] waits for a holder that is exiting.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-pub const STATE_FILE: &str = "drain-state.json";
-pub const LOCK_FILE: &str = "drain.lock";
-/// Compressed NARs of the drainer's uploads under way; only the lock holder writes here.
-pub const SPOOL_DIR: &str = "drain-spool";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Holds the state directory's drain lock for the life of the process.
-pub struct DrainLock {
-    _file: std::fs::File,
-}
-
-impl DrainLock {
-    /// Creates the state directory if needed and refuses one someone else could write to
-    /// (see [`crate::private_dir`]), before anything is written there.
-    pub async fn acquire(state_dir: &Path) -> anyhow::Result<DrainLock> {
-        let dir = PrivateDir::open(state_dir)?;
-        let file = dir
-            .open_or_create(LOCK_FILE)
-            .with_context(|| format!("{}: cannot open lock file", dir.join(LOCK_FILE).display()))?;
-        // A predecessor killed a moment ago (with its original process, see
-        // crate::priority) may still be exiting: give it a moment to let go.
-        let mut wait = LOCK_WAIT;
-        let locked = loop {
-            match rustix::fs::flock(
-                file.as_fd(),
-                rustix::fs::FlockOperation::NonBlockingLockExclusive,
-            ) {
-                Ok(()) => break true,
-                Err(_) if !wait.is_zero() => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    wait = wait.saturating_sub(Duration::from_millis(20));
-                }
-                Err(_) => break false,
-            }
-        };
-        if !locked {
-            anyhow::bail!(
-                "{}: another narpost daemon or watcher is already draining this queue\nhint: stop it, or give this one its own --state-dir",
-                state_dir.display()
-            );
-        }
-        Ok(DrainLock { _file: file })
-    }
-
-    /// Whether some process holds the lock now (for `status`).
-    pub fn is_held(state_dir: &Path) -> bool {
-        let Ok(file) = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(state_dir.join(LOCK_FILE))
-        else {
-            return false;
-        };
-        match rustix::fs::flock(
-            file.as_fd(),
-            rustix::fs::FlockOperation::NonBlockingLockShared,
-        ) {
-            Ok(()) => false,
-            Err(_) => true,
-        }
-    }
-}
 
 /// The drain loop's moving parts.
 pub struct Drainer {
@@ -165,7 +38,7 @@ pub struct Drainer {
     roots: Arc<GcRoots>,
     state_dir: PathBuf,
     drain_timeout: Duration,
-    state: DrainState,
+    pub(super) state: DrainState,
     /// Set while the cache is unreachable, so the log says so once, not every attempt.
     down: bool,
     /// Problems of the drainer's own under way (see [`Drainer::problem`]).
@@ -187,8 +60,8 @@ pub struct Totals {
 }
 
 impl Drainer {
-    /// The caller must hold the state directory's [`DrainLock`]: a drainer takes over what a
-    /// killed predecessor left behind (its spooled NARs are removed here).
+    /// The caller must hold the state directory's [`DrainLock`](super::DrainLock): a drainer
+    /// takes over what a killed predecessor left behind (its spooled NARs are removed here).
     pub fn new(cfg: &Config) -> anyhow::Result<Drainer> {
         // The outer loop retries for as long as it takes; inner retries only smooth over blips.
         let retry = RetryPolicy {
@@ -680,87 +553,6 @@ fn clear_dir(dir: &Path) {
     }
 }
 
-/// Queues, as one new entry, the valid paths that have a GC root created before `cutoff`
-/// but are in none of `entries`; removes roots of paths gone from the store. Blocking.
-fn adopt_orphans(
-    queue: &Queue,
-    roots: &GcRoots,
-    store: &Store,
-    entries: &[Entry],
-    cutoff: SystemTime,
-) -> anyhow::Result<Option<Entry>> {
-    let queued: std::collections::HashSet<&StorePath> =
-        entries.iter().flat_map(|e| e.paths.iter()).collect();
-    let mut adopt = Vec::new();
-    for path in roots.list_created_before(Some(cutoff))? {
-        if queued.contains(&path) {
-            continue;
-        }
-        if store.is_valid(&path)? {
-            adopt.push(path);
-        } else {
-            tracing::warn!(
-                "{}: GC root for {} which is no longer in the store; removing it",
-                roots.dir().join(path.base()).display(),
-                path.to_absolute()
-            );
-            roots.release(&path);
-        }
-    }
-    if adopt.is_empty() {
-        return Ok(None);
-    }
-    let id = queue.enqueue(&adopt, None)?;
-    tracing::info!(
-        "queued {} path(s) that had a GC root in {} but no queue entry",
-        adopt.len(),
-        roots.dir().display()
-    );
-    Ok(Some(Entry {
-        queued_at: id.queued_at(),
-        id,
-        paths: adopt,
-        drv: None,
-    }))
-}
-
-/// Creates again, and fsyncs, the roots of the entries in `entries` not in `rooted` yet: the
-/// hook leaves the fsync to the drainer, and a power loss may have dropped roots the hook
-/// made (see [`crate::queue`]'s GC roots). At start-up `rooted` is empty, so every queued
-/// path gets its root back; later only new entries cost anything. Entries gone from the
-/// queue are forgotten.
-fn make_roots_durable(
-    roots: &GcRoots,
-    entries: &[Entry],
-    rooted: &mut HashSet<EntryId>,
-) -> Result<(), String> {
-    let queued: HashSet<&EntryId> = entries.iter().map(|e| &e.id).collect();
-    rooted.retain(|id| queued.contains(id));
-    let fresh: Vec<&Entry> = entries.iter().filter(|e| !rooted.contains(&e.id)).collect();
-    if fresh.is_empty() {
-        return Ok(());
-    }
-    let mut problem = None;
-    let mut done = Vec::new();
-    for entry in fresh {
-        match roots.protect_all(&entry.paths) {
-            Ok(()) => done.push(entry.id.clone()),
-            Err(e) => {
-                problem.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    if !done.is_empty() {
-        match roots.sync() {
-            Ok(()) => rooted.extend(done),
-            Err(e) => {
-                problem.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    problem.map_or(Ok(()), Err)
-}
-
 /// `root` and everything it refers to, directly or not, within the plan.
 fn closure_of<'a>(
     index: &HashMap<&'a StorePath, &'a crate::store::PathInfo>,
@@ -780,83 +572,4 @@ fn closure_of<'a>(
         i += 1;
     }
     out
-}
-
-/// Sends a wake-up whenever something changes in `dir` (new queue entries).
-pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
-    use notify::Watcher;
-    let (tx, rx) = mpsc::channel(1);
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = tx.try_send(());
-    })
-    .context("cannot start inotify watcher")?;
-    watcher
-        .watch(dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("{}: cannot watch directory", dir.display()))?;
-    Ok((watcher, rx))
-}
-
-/// Names what stays queued (a few paths; `narpost status` shows the rest).
-pub fn print_remaining(queue: &Queue) {
-    const SHOWN: usize = 10;
-    let paths: Vec<String> = match queue.entries() {
-        Ok(entries) => entries
-            .iter()
-            .flat_map(|e| e.paths.iter().map(StorePath::to_absolute))
-            .collect(),
-        Err(e) => {
-            eprintln!("narpost: {e}");
-            return;
-        }
-    };
-    for p in paths.iter().take(SHOWN) {
-        eprintln!("narpost: still queued: {p}");
-    }
-    if paths.len() > SHOWN {
-        eprintln!(
-            "narpost: ... and {} more paths still queued",
-            paths.len() - SHOWN
-        );
-    }
-}
-
-/// First signal: cancel `stop`. Second: exit at once (the queue is on disk, nothing is lost).
-pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        eprintln!("narpost: stopping: finishing uploads under way (signal again to exit now)");
-        stop.cancel();
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        eprintln!("narpost: exiting now; unfinished paths stay queued");
-        std::process::exit(130);
-    });
-    Ok(())
-}
-
-pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
-    let _lock = DrainLock::acquire(&cfg.state_dir).await?;
-    let mut drainer = Drainer::new(&cfg)?;
-    let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
-    let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone())?;
-    tracing::info!(
-        "draining {} into {}",
-        drainer.queue().queue_dir().display(),
-        drainer.state.cache
-    );
-    let grace = drainer.drain_timeout();
-    let totals = drainer.run(stop, wake, false, grace).await?;
-    eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream, {} build logs uploaded",
-        totals.pushed,
-        totals.already_cached,
-        totals.left,
-        totals.left_upstream,
-        totals.logs_uploaded
-    );
-    print_remaining(drainer.queue());
-    Ok(())
 }

@@ -1,0 +1,169 @@
+//! Draining the durable queue into the cache: `narpost daemon`, and the upload half of
+//! `watch-store` and `watch-exec`.
+//!
+//! One drainer per state directory, enforced by an exclusive lock on `<state>/drain.lock`,
+//! so two processes never upload the same entries. Beside the queue it keeps
+//! `<state>/drain-state.json` (what `status` shows, rewritten atomically) and
+//! `<state>/drain-spool/` (NARs compressed for uploads under way; emptied at start-up, since
+//! a predecessor killed mid-upload leaves its files there). The loop:
+//!
+//! - reads every queued entry (after adopting orphaned GC roots, see below), drops paths
+//!   that are no longer valid in the store (such an entry moves to the failed list with its
+//!   reason), and pushes the union of the rest, with their closures, through the one
+//!   pipeline (which skips what the cache has);
+//! - acknowledges an entry (deletes it, releases its GC roots) only when every one of its
+//!   paths is in the cache; an entry with a permanently failing path (NarHash mismatch) moves
+//!   to the failed list; anything transient stays queued;
+//! - while uploads fail (the cache down, or the spool disk full), waits with capped
+//!   exponential backoff and jitter, logging one line when they start failing and one when a
+//!   whole pass goes through again;
+//! - wakes up on inotify events in the queue directory (new entries), or every few seconds;
+//! - an error of its own (the state directory full or unreadable, the store database busy)
+//!   is logged once, shown by `status`, and retried with the same backoff; it never ends
+//!   the daemon, since nothing but the daemon would upload what the hooks keep queuing.
+//!
+//! Orphaned GC roots: a root with no queue entry holding its path is left by a hook that
+//! could not write its entry (disk full, state directory unwritable), by a corrupt entry set
+//! aside, or by a crash between two steps (see [`crate::queue`]). Every such path was built
+//! and meant for the cache, so the drainer queues it: at start-up all of them, later (every
+//! few minutes) those whose root is old enough that no hook can still be about to write the
+//! entry. A root whose path is gone from the store is removed.
+//!
+//! Shutdown: the first SIGTERM/SIGINT stops new work; uploads under way get `drain-timeout`
+//! to finish, then are dropped (nothing half-written becomes visible: NARs and narinfos are
+//! committed atomically by the targets); what is left stays queued. A second signal exits at
+//! once, which loses nothing either, since the queue is on disk.
+
+mod drainer;
+mod lock;
+mod roots;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use drainer::{Drainer, Totals};
+pub use lock::DrainLock;
+
+use crate::config::Config;
+use crate::format::store_path::StorePath;
+use crate::queue::Queue;
+
+/// What the drainer publishes for `narpost status`, rewritten atomically after each batch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainState {
+    pub pid: u32,
+    pub started_at: u64,
+    pub cache: String,
+    /// The public half of the signing key, for `trusted-public-keys`.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    pub pushed: u64,
+    pub already_cached: u64,
+    /// Paths signed by an upstream key, not uploaded.
+    #[serde(default)]
+    pub left_upstream: u64,
+    /// Build logs uploaded, with their paths or (watchers) of failed builds.
+    #[serde(default)]
+    pub logs_uploaded: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    pub cache_down_since: Option<u64>,
+}
+
+pub const STATE_FILE: &str = "drain-state.json";
+
+pub const LOCK_FILE: &str = "drain.lock";
+
+/// Compressed NARs of the drainer's uploads under way; only the lock holder writes here.
+pub const SPOOL_DIR: &str = "drain-spool";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Sends a wake-up whenever something changes in `dir` (new queue entries).
+pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+    use notify::Watcher;
+    let (tx, rx) = mpsc::channel(1);
+    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })
+    .context("cannot start inotify watcher")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("{}: cannot watch directory", dir.display()))?;
+    Ok((watcher, rx))
+}
+
+/// Names what stays queued (a few paths; `narpost status` shows the rest).
+pub fn print_remaining(queue: &Queue) {
+    const SHOWN: usize = 10;
+    let paths: Vec<String> = match queue.entries() {
+        Ok(entries) => entries
+            .iter()
+            .flat_map(|e| e.paths.iter().map(StorePath::to_absolute))
+            .collect(),
+        Err(e) => {
+            eprintln!("narpost: {e}");
+            return;
+        }
+    };
+    for p in paths.iter().take(SHOWN) {
+        eprintln!("narpost: still queued: {p}");
+    }
+    if paths.len() > SHOWN {
+        eprintln!(
+            "narpost: ... and {} more paths still queued",
+            paths.len() - SHOWN
+        );
+    }
+}
+
+/// First signal: cancel `stop`. Second: exit at once (the queue is on disk, nothing is lost).
+pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("narpost: stopping: finishing uploads under way (signal again to exit now)");
+        stop.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("narpost: exiting now; unfinished paths stay queued");
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
+    let _lock = DrainLock::acquire(&cfg.state_dir).await?;
+    let mut drainer = Drainer::new(&cfg)?;
+    let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone())?;
+    tracing::info!(
+        "draining {} into {}",
+        drainer.queue().queue_dir().display(),
+        drainer.state.cache
+    );
+    let grace = drainer.drain_timeout();
+    let totals = drainer.run(stop, wake, false, grace).await?;
+    eprintln!(
+        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream, {} build logs uploaded",
+        totals.pushed,
+        totals.already_cached,
+        totals.left,
+        totals.left_upstream,
+        totals.logs_uploaded
+    );
+    print_remaining(drainer.queue());
+    Ok(())
+}
