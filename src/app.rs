@@ -45,6 +45,9 @@ pub fn pipeline_spooling_in(
 ) -> anyhow::Result<Pipeline> {
     let target = target::from_config(cfg).map_err(crate::error::from_target)?;
     let key = signing_key(cfg, target.nar_format())?;
+    if matches!(target.nar_format(), NarFormat::Zstd { .. }) && target.spool_dir().is_none() {
+        check_spool_dir(&spool_dir)?;
+    }
     let store = Arc::new(Store::open_default()?);
     Ok(Pipeline::new(
         store,
@@ -62,6 +65,19 @@ pub fn pipeline_spooling_in(
             },
         },
     ))
+}
+
+/// The pipeline's own spool lives in a state directory: it is refused up front (one line)
+/// if someone else controls that directory, and made 0700, before any NAR is spooled there.
+fn check_spool_dir(spool_dir: &Path) -> anyhow::Result<()> {
+    let (Some(parent), Some(name)) = (
+        spool_dir.parent(),
+        spool_dir.file_name().and_then(|n| n.to_str()),
+    ) else {
+        return Ok(());
+    };
+    crate::private_dir::PrivateDir::open(parent)?.subdir(name)?;
+    Ok(())
 }
 
 /// Accepts a store path, or anything that resolves into one (`./result`, a file inside a

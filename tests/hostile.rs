@@ -617,13 +617,20 @@ fn a_state_directory_owned_by_someone_else_is_refused_and_nothing_is_written_thr
     assert!(line.contains("owned by uid 65534"), "{line}");
     assert!(line.contains("--state-dir"), "says what to do: {line}");
     untouched();
+    let key_arg = key.to_str().expect("UTF-8 path");
+    let absent = "/nix/store/00000000000000000000000000000000-x";
     for cmd in [
         vec!["status"],
+        // The embedded default key lives in the state directory,
+        vec!["push", "--to", &cache, absent],
+        // and so does the spool of a cache that has none of its own.
         vec![
             "push",
             "--to",
-            &cache,
-            "/nix/store/00000000000000000000000000000000-x",
+            "http://127.0.0.1:9",
+            "--key",
+            key_arg,
+            absent,
         ],
     ] {
         let line = refused(env.narpost().args(&cmd), cmd[0]);
