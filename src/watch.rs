@@ -440,8 +440,10 @@ fn print_summary(
     failed_before: usize,
     failed_build_logs: u64,
 ) {
-    let state: Option<DrainState> = std::fs::read(cfg.state_dir.join(STATE_FILE))
+    // Like `status`: never through a link, never more than a status file's worth.
+    let state: Option<DrainState> = crate::private_dir::PrivateDir::open(&cfg.state_dir)
         .ok()
+        .and_then(|dir| dir.read(STATE_FILE, 1 << 20).ok())
         .and_then(|b| serde_json::from_slice(&b).ok());
     let (pushed, already_cached, upstream, logs) = match (totals, &state) {
         (Some(t), _) => (t.pushed, t.already_cached, t.left_upstream, t.logs_uploaded),
