@@ -23,7 +23,8 @@ pub async fn render(mut rx: mpsc::UnboundedReceiver<Event>) {
                 missing_bytes,
             } => {
                 eprintln!(
-                    "{total} paths in closure: {cached} already cached, {upstream} left to upstream, {missing} to push ({})",
+                    "{} in closure: {cached} already cached, {upstream} left to upstream, {missing} to push ({})",
+                    count(total as u64, "path", "paths"),
                     HumanBytes(missing_bytes)
                 );
                 if tty && missing > 0 {
@@ -81,20 +82,31 @@ pub async fn render(mut rx: mpsc::UnboundedReceiver<Event>) {
     }
 }
 
+/// `n` with the noun in the number it calls for: "1 path", "2 paths", "0 paths".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
 /// The closing summary of a push, and one line per failed path.
 pub fn summary(report: &Report) -> String {
     let mut out = String::new();
     let secs = report.elapsed.as_secs_f64();
     if report.pushed.is_empty() && report.failed.is_empty() && report.skipped.is_empty() {
         if report.left_upstream == 0 {
-            out.push_str(&format!(
-                "all {} paths were already cached; nothing to push\n",
-                report.total
-            ));
+            let line = match report.total {
+                1 => "1 path was already cached; nothing to push\n".to_owned(),
+                n => format!("all {n} paths were already cached; nothing to push\n"),
+            };
+            out.push_str(&line);
         } else {
             out.push_str(&format!(
-                "nothing to push: {} paths already cached, {} left to upstream\n",
-                report.already_cached, report.left_upstream
+                "nothing to push: {} already cached, {} left to upstream\n",
+                count(report.already_cached as u64, "path", "paths"),
+                report.left_upstream
             ));
         }
         return out;
@@ -105,8 +117,8 @@ pub fn summary(report: &Report) -> String {
         100.0
     };
     out.push_str(&format!(
-        "pushed {} paths, {} already cached, {} left to upstream, {} failed, {} not started; {} -> {} ({ratio:.0}%) in {secs:.1}s\n",
-        report.pushed.len(),
+        "pushed {}, {} already cached, {} left to upstream, {} failed, {} not started; {} -> {} ({ratio:.0}%) in {secs:.1}s\n",
+        count(report.pushed.len() as u64, "path", "paths"),
         report.already_cached,
         report.left_upstream,
         report.failed.len(),
@@ -128,4 +140,16 @@ pub fn summary(report: &Report) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_take_the_singular_only_for_one() {
+        assert_eq!(count(0, "path", "paths"), "0 paths");
+        assert_eq!(count(1, "path", "paths"), "1 path");
+        assert_eq!(count(2, "entry", "entries"), "2 entries");
+    }
 }

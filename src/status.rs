@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::daemon::{DrainLock, DrainState, STATE_FILE};
+use crate::progress::count;
 use crate::queue::Queue;
 
 #[derive(Debug, Serialize)]
@@ -135,11 +136,14 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         }
     );
     match s.oldest_entry_age_secs {
-        Some(age) => println!("queue:        {} entries, oldest {age}s old", s.queue_depth),
+        Some(age) => println!(
+            "queue:        {}, oldest {age}s old",
+            count(s.queue_depth as u64, "entry", "entries")
+        ),
         None => println!("queue:        empty"),
     }
     if let Some(p) = s.pushed_since_start {
-        println!("pushed:       {p} paths since start");
+        println!("pushed:       {} since start", count(p, "path", "paths"));
     }
     if let Some(u) = s.left_upstream_since_start {
         println!("upstream:     {u} paths left to upstream since start");

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::daemon::{DrainLock, DrainState, Drainer, STATE_FILE, Totals, watch_dir};
 use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::progress::count;
 use crate::queue::{GcRoots, Queue};
 use crate::store::Store;
 
@@ -162,7 +163,7 @@ impl Finder {
             );
         }
         if queued > 0 {
-            tracing::debug!("queued {queued} new paths");
+            tracing::debug!("queued {}", count(queued as u64, "new path", "new paths"));
         }
         Ok(queued)
     }
@@ -455,7 +456,9 @@ fn print_summary(
         .depth()
         .unwrap_or_else(|_| totals.map_or(0, |t| t.left));
     eprintln!(
-        "narpost: pushed {pushed} paths, {already_cached} already cached, {left} left queued; {upstream} left to upstream, {logs} build logs uploaded"
+        "narpost: pushed {}, {already_cached} already cached, {left} left queued; {upstream} left to upstream, {}",
+        count(pushed, "path", "paths"),
+        count(logs, "build log uploaded", "build logs uploaded")
     );
     let failed = queue
         .failed()
@@ -469,13 +472,16 @@ fn print_summary(
     }
     if left > 0 {
         eprintln!(
-            "narpost: {left} queue entries were not uploaded; they stay in {} for the next `narpost daemon` or watcher with this state directory",
+            "narpost: {} not uploaded; {} in {} for the next `narpost daemon` or watcher with this state directory",
+            count(left as u64, "queue entry was", "queue entries were"),
+            if left == 1 { "it stays" } else { "they stay" },
             queue.queue_dir().display()
         );
     }
     if failed > 0 {
         eprintln!(
-            "narpost: {failed} queue entries failed and will not be retried; `narpost status` shows why"
+            "narpost: {} and will not be retried; `narpost status` shows why",
+            count(failed as u64, "queue entry failed", "queue entries failed")
         );
     }
 }

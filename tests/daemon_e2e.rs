@@ -915,7 +915,7 @@ fn sigterm_mid_upload_exits_within_the_drain_timeout_and_keeps_the_path_queued()
     );
     eprintln!("daemon stopped by SIGTERM mid-upload in {took:?}:\n{log}");
     assert!(log.contains("pushed 0 paths"), "{log}");
-    assert!(log.contains("1 entries left queued"), "{log}");
+    assert!(log.contains("1 entry left queued"), "{log}");
     assert!(
         log.contains(&format!("still queued: {}", big[0])),
         "names what remains:\n{log}"
@@ -954,7 +954,7 @@ fn sigterm_mid_upload_exits_within_the_drain_timeout_and_keeps_the_path_queued()
     assert!(cache.has(&big[0]));
     cache.assert_complete();
     daemon.stop(Duration::from_secs(10));
-    assert!(daemon.log().contains("pushed 1 paths"), "{}", daemon.log());
+    assert!(daemon.log().contains("pushed 1 path,"), "{}", daemon.log());
     assert_substitutes(&env, &nginx.url(), &public, &big);
 }
 

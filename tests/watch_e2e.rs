@@ -126,7 +126,8 @@ fn summary(text: &str) -> Option<(u64, u64, u64)> {
     let pushed = numbers.next()??;
     let cached = numbers.next()??;
     let left = numbers.next()??;
-    let expected = format!("pushed {pushed} paths, {cached} already cached, {left} left queued");
+    let noun = if pushed == 1 { "path" } else { "paths" };
+    let expected = format!("pushed {pushed} {noun}, {cached} already cached, {left} left queued");
     line.contains(&expected).then_some((pushed, cached, left))
 }
 

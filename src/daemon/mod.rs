@@ -51,6 +51,7 @@ pub use lock::DrainLock;
 
 use crate::config::Config;
 use crate::format::store_path::StorePath;
+use crate::progress::count;
 use crate::queue::Queue;
 
 /// What the drainer publishes for `narpost status`, rewritten atomically after each batch.
@@ -157,12 +158,16 @@ pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
     let grace = drainer.drain_timeout();
     let totals = drainer.run(stop, wake, false, grace).await?;
     eprintln!(
-        "narpost: pushed {} paths, {} already cached, {} entries left queued; {} left to upstream, {} build logs uploaded",
-        totals.pushed,
+        "narpost: pushed {}, {} already cached, {} left queued; {} left to upstream, {}",
+        count(totals.pushed, "path", "paths"),
         totals.already_cached,
-        totals.left,
+        count(totals.left as u64, "entry", "entries"),
         totals.left_upstream,
-        totals.logs_uploaded
+        count(
+            totals.logs_uploaded,
+            "build log uploaded",
+            "build logs uploaded"
+        )
     );
     print_remaining(drainer.queue());
     Ok(())
