@@ -164,9 +164,17 @@ impl AtticTarget {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        let client = Client::builder()
+        if let Some(problem) = super::tls::https_without_roots(server.as_str()) {
+            return Err(TargetError::permanent(problem));
+        }
+        let mut builder = Client::builder();
+        if super::tls::no_system_roots() {
+            builder = builder.tls_certs_only(std::iter::empty());
+        }
+        let client = builder
             .user_agent(concat!("narpost/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
+            .dns_resolver(super::dns::shared())
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .tcp_keepalive(Duration::from_secs(30))
             .build()

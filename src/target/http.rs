@@ -104,6 +104,9 @@ impl HttpTarget {
     pub fn new(base: String, auth: HttpAuth, compression_level: i32) -> Result<Self, TargetError> {
         let (base, auth) = parse_base(&base, auth)?;
         let display = base.as_str().trim_end_matches('/').to_string();
+        if let Some(problem) = super::tls::https_without_roots(&display) {
+            return Err(TargetError::permanent(problem));
+        }
         Ok(HttpTarget {
             client: build_client(DEFAULT_CONNECT_TIMEOUT)?,
             base,
@@ -352,9 +355,14 @@ impl Target for HttpTarget {
 }
 
 fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, TargetError> {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if super::tls::no_system_roots() {
+        builder = builder.tls_certs_only(std::iter::empty());
+    }
+    builder
         .connect_timeout(connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(super::dns::shared())
         // Notices a peer that vanished without closing while we wait on an idle connection.
         .tcp_keepalive(Duration::from_secs(30))
         .user_agent(concat!("narpost/", env!("CARGO_PKG_VERSION")))

@@ -17,11 +17,13 @@
 //! ([`Target::put_log`]); caches with no place for logs keep the default, which says so.
 
 pub mod attic;
+pub mod dns;
 pub mod file;
 pub mod http;
 pub mod s3;
 pub mod ssh;
 pub mod stall;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::path::PathBuf;

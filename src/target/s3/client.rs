@@ -69,12 +69,17 @@ impl S3Target {
         }
         let endpoint_desc =
             endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        if let Some(problem) = crate::target::tls::https_without_roots(&endpoint_desc) {
+            return Err(TargetError::permanent(format!("{url}: {problem}")));
+        }
 
         let build = |timeout: Duration| {
             let options = ClientOptions::new()
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_timeout(timeout)
-                .with_allow_http(allow_http);
+                .with_allow_http(allow_http)
+                .with_dns_resolver(Arc::new(crate::target::dns::shared()))
+                .with_no_system_certificates(crate::target::tls::no_system_roots());
             builder
                 .clone()
                 .with_client_options(options)
