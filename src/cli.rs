@@ -4,10 +4,18 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `narpost --version`: the release and the commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NARPOST_BUILD_COMMIT"),
+    ")"
+);
+
 /// Gets every Nix store path this machine builds into a binary cache: signed, in dependency
 /// order, without slowing down or failing a build.
 #[derive(Debug, Parser)]
-#[command(name = "narpost", version, propagate_version = true)]
+#[command(name = "narpost", version = VERSION, propagate_version = true)]
 pub struct Cli {
     /// Config file (TOML). Default: /etc/narpost/narpost.toml if it exists.
     #[arg(long, global = true, env = "NARPOST_CONFIG", value_name = "FILE")]
