@@ -129,8 +129,8 @@ pub fn summary(report: &Report) -> String {
     let not_uploaded = report.log_failures.len() + report.logs_skipped;
     if report.logs_uploaded > 0 || not_uploaded > 0 {
         out.push_str(&format!(
-            "{} build logs uploaded, {not_uploaded} not uploaded\n",
-            report.logs_uploaded
+            "{} uploaded, {not_uploaded} not uploaded\n",
+            count(report.logs_uploaded as u64, "build log", "build logs")
         ));
     }
     for f in &report.failed {

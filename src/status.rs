@@ -146,7 +146,10 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("pushed:       {} since start", count(p, "path", "paths"));
     }
     if let Some(u) = s.left_upstream_since_start {
-        println!("upstream:     {u} paths left to upstream since start");
+        println!(
+            "upstream:     {} left to upstream since start",
+            count(u, "path", "paths")
+        );
     }
     if let Some(l) = s.logs_uploaded_since_start {
         println!("build logs:   {l} uploaded since start");

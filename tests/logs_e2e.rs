@@ -62,7 +62,7 @@ fn nix_log_reads_what_the_build_printed_from_file_and_http_caches() {
     let cache = env.path().join("cache");
     let url = format!("file://{}", cache.display());
     let text = pushed(&mut push_cmd(&env, &url, &key, &out));
-    assert!(text.contains("1 build logs uploaded"), "{text}");
+    assert!(text.contains("1 build log uploaded"), "{text}");
     // Plain text, where Nix looks, named after the derivation.
     let stored = fs::read_to_string(cache.join("log").join(drv.base())).expect("log in cache");
     assert_has_log(&stored, &marker);
@@ -72,7 +72,7 @@ fn nix_log_reads_what_the_build_printed_from_file_and_http_caches() {
 
     let nginx = Nginx::start(env.path());
     let text = pushed(&mut push_cmd(&env, &nginx.url(), &key, &out));
-    assert!(text.contains("1 build logs uploaded"), "{text}");
+    assert!(text.contains("1 build log uploaded"), "{text}");
     let puts = nginx.puts();
     let narinfo = puts
         .iter()
@@ -168,7 +168,10 @@ fn a_failing_build_under_watch_exec_leaves_its_log_in_the_cache() {
     let logs: u64 = last
         .rsplit(", ")
         .next()
-        .and_then(|s| s.strip_suffix(" build logs uploaded"))
+        .and_then(|s| {
+            s.strip_suffix(" build logs uploaded")
+                .or_else(|| s.strip_suffix(" build log uploaded"))
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no build log count in the last line:\n{text}"));
     assert!(logs >= 1, "{text}");

@@ -533,7 +533,7 @@ fn upstream_signed_paths_are_left_upstream_and_the_closure_still_substitutes() {
         Duration::from_secs(30),
         || {
             daemon_dir.has(&high)
-                && status().contains("upstream:     1 paths left to upstream since start")
+                && status().contains("upstream:     1 path left to upstream since start")
         },
     );
     assert_eq!(queue_depth(&env, &config), 0);

@@ -91,6 +91,11 @@ fn tarball_holds_static_stripped_binaries_and_what_an_install_needs() {
         "hook/narpost-hook",
         "hook/nix.conf.example",
         "README.md",
+        "share/bash-completion/completions/narpost",
+        "share/zsh/site-functions/_narpost",
+        "share/fish/vendor_completions.d/narpost.fish",
+        "share/man/man1/narpost.1",
+        "share/man/man1/narpost-push.1",
     ] {
         assert!(
             top.join(file).is_file(),

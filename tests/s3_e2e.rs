@@ -662,7 +662,7 @@ fn build_logs_go_to_the_bucket_where_nix_log_reads_them() {
         .arg("push")
         .arg(out.to_absolute()));
     let text = stdout(&out_text) + &stderr(&out_text);
-    assert!(text.contains("1 build logs uploaded"), "{text}");
+    assert!(text.contains("1 build log uploaded"), "{text}");
     let log_key = format!("log/{}", drv.base());
     assert_eq!(
         server.object_record(&log_key, "metadata")["content_type"],
