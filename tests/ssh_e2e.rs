@@ -646,3 +646,40 @@ fn the_daemon_keeps_paths_queued_through_a_wrong_host_key_until_the_config_is_fi
     let (status, output) = daemon.terminate(Duration::from_secs(30));
     assert!(status.success(), "{output}");
 }
+
+/// A chain of `depth` paths, each referring to the one before; returns the last.
+fn build_chain(env: &Env, depth: usize) -> StorePath {
+    let mut expr = format!("{}rec {{\n", nix_prelude(&nonce()));
+    expr.push_str("  l0 = mk \"narpost-chain-0\" \"echo 0 > $out\";\n");
+    for i in 1..depth {
+        expr.push_str(&format!(
+            "  l{i} = mk \"narpost-chain-{i}\" \"echo ${{l{}}} > $out\";\n",
+            i - 1
+        ));
+    }
+    expr.push_str("}\n");
+    let file = env.write_nix("chain.nix", &expr);
+    nix_build(&file, &[&format!("l{}", depth - 1)], &[]).remove(0)
+}
+
+/// Each link goes out behind the one it refers to, before that one is answered: the host
+/// must still get every link after its reference, and the whole chain valid and signed.
+#[test]
+fn a_deep_chain_arrives_whole_with_each_link_sent_behind_its_reference() {
+    let env = Env::new();
+    let depth = 40;
+    let top = build_chain(&env, depth);
+    let (key, public) = env.keygen("ssh-chain-1");
+    let (remote, sshd) = host(&env);
+
+    let text = pushed(push_cmd(&env, &sshd.url(), &key, &top).args(["--jobs", "4"]));
+    assert_eq!(valid_in(&remote, &top).len(), depth, "{text}");
+    assert!(!text.contains("retrying"), "{text}");
+    assert_verified(&remote, &public, std::slice::from_ref(&top));
+
+    let text = pushed(&mut push_cmd(&env, &sshd.url(), &key, &top));
+    assert!(
+        text.contains(&format!("all {depth} paths were already cached")),
+        "{text}"
+    );
+}

@@ -25,6 +25,9 @@ struct LogRun {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
+    /// Handed to a target with ordered commits and not answered yet: enough for referrers
+    /// to be handed over behind it. Withdrawn (back to `None`) if that commit fails.
+    Queued,
     Done,
     Failed,
     Skipped,
@@ -121,7 +124,9 @@ impl Pipeline {
         done: watch::Sender<Option<Outcome>>,
         logs: Arc<LogRun>,
     ) -> PathResult {
-        let mut result = self.push_one_inner(&info, deps, &slots, &cancel).await;
+        let mut result = self
+            .push_one_inner(&info, deps, &slots, &cancel, &done)
+            .await;
         let outcome = match &result {
             PathResult::Pushed { .. } => Outcome::Done,
             PathResult::Failed(f) => {
@@ -133,7 +138,7 @@ impl Pipeline {
             }
             PathResult::Skipped(_) => Outcome::Skipped,
         };
-        let _ = done.send(Some(outcome));
+        done.send_replace(Some(outcome));
         // After the narinfo, and after telling referrers: a log never holds anything back.
         if let (PathResult::Pushed { log, .. }, Some(drv)) = (&mut result, &info.deriver) {
             let first = logs
@@ -154,6 +159,7 @@ impl Pipeline {
         deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)>,
         (semaphore, uploads): &(Arc<Semaphore>, Arc<Semaphore>),
         cancel: &CancellationToken,
+        done: &watch::Sender<Option<Outcome>>,
     ) -> PathResult {
         let path = info.path.clone();
         let fail = |kind, message: String, hint: Option<String>| {
@@ -219,41 +225,85 @@ impl Pipeline {
         };
         drop(upload_permit);
 
-        for (dep, rx) in deps {
-            let Some(mut rx) = rx else { continue };
-            let outcome = match rx.wait_for(|o| o.is_some()).await {
-                Ok(o) => *o,
-                Err(_) => None,
-            };
-            match outcome {
+        // With ordered commits a reference handed over is as good as stored: this path
+        // goes out behind it on the same channel.
+        let ordered = self.target.ordered_commits();
+        let mut behind_queued = false;
+        for (dep, rx) in &deps {
+            let Some(rx) = rx else { continue };
+            match wait_for_reference(rx.clone(), ordered).await {
                 Some(Outcome::Done) => {}
+                Some(Outcome::Queued) => behind_queued = true,
                 Some(Outcome::Skipped) => return PathResult::Skipped(path),
-                _ => {
-                    return fail(
-                        FailureKind::Dependency,
-                        format!(
-                            "{}: not published because its reference {} failed",
-                            path.to_absolute(),
-                            dep.to_absolute()
-                        ),
-                        None,
-                    );
-                }
+                _ => return fail_dependency(&path, dep),
             }
         }
 
         let narinfo = self.narinfo(&prepared, url);
-        let _upload_permit = match uploads.clone().acquire_owned().await {
+        let what = format!("uploading the narinfo of {}", path.to_absolute());
+        let upload_permit = match uploads.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return PathResult::Skipped(path),
         };
-        if let Err(e) = self
-            .retry(
-                &format!("uploading the narinfo of {}", path.to_absolute()),
-                || self.target.put_narinfo(&narinfo, &prepared),
-            )
-            .await
-        {
+        let committed = if ordered {
+            let first = match self.target.queue_narinfo(&narinfo, &prepared).await {
+                Ok(committing) => {
+                    done.send_replace(Some(Outcome::Queued));
+                    let answer = committing.await;
+                    if answer.is_err() {
+                        done.send_replace(None);
+                    }
+                    answer
+                }
+                Err(e) => Err(e),
+            };
+            match first {
+                Ok(()) => Ok(()),
+                Err(e) if !behind_queued && (!e.is_retryable() || self.opts.retry.retries == 0) => {
+                    Err(e)
+                }
+                Err(e) if !behind_queued => {
+                    // The path's own error: the first attempt counts as one of the tries.
+                    let _upload_permit = upload_permit;
+                    self.emit(Event::Retrying {
+                        what: what.clone(),
+                        delay: std::time::Duration::ZERO,
+                        error: e.message.clone(),
+                    });
+                    let retries = self.opts.retry.retries.saturating_sub(1);
+                    self.retry_times(retries, &what, || {
+                        self.target.put_narinfo(&narinfo, &prepared)
+                    })
+                    .await
+                }
+                Err(e) => {
+                    // Sent behind a reference that was not stored yet, or lost with its
+                    // connection: whatever the error, it may be the reference's. Try again
+                    // the careful way, once every reference is stored.
+                    tracing::debug!("{what}: {e}; retrying after its references");
+                    drop(upload_permit);
+                    for (dep, rx) in &deps {
+                        let Some(rx) = rx else { continue };
+                        match wait_for_reference(rx.clone(), false).await {
+                            Some(Outcome::Done) => {}
+                            Some(Outcome::Skipped) => return PathResult::Skipped(path),
+                            _ => return fail_dependency(&path, dep),
+                        }
+                    }
+                    let _upload_permit = match uploads.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return PathResult::Skipped(path),
+                    };
+                    self.retry(&what, || self.target.put_narinfo(&narinfo, &prepared))
+                        .await
+                }
+            }
+        } else {
+            let _upload_permit = upload_permit;
+            self.retry(&what, || self.target.put_narinfo(&narinfo, &prepared))
+                .await
+        };
+        if let Err(e) = committed {
             return PathResult::Failed(target_failure(&path, e));
         }
         drop(guard);
@@ -319,6 +369,36 @@ enum PathResult {
     },
     Failed(PathFailure),
     Skipped(StorePath),
+}
+
+/// Waits until the reference behind `rx` is stored, failed or skipped, or (with `queued`)
+/// handed over to an ordered target.
+async fn wait_for_reference(
+    mut rx: watch::Receiver<Option<Outcome>>,
+    queued: bool,
+) -> Option<Outcome> {
+    let ready = |o: &Option<Outcome>| match o {
+        Some(Outcome::Queued) => queued,
+        Some(_) => true,
+        None => false,
+    };
+    match rx.wait_for(ready).await {
+        Ok(o) => *o,
+        Err(_) => None,
+    }
+}
+
+fn fail_dependency(path: &StorePath, dep: &StorePath) -> PathResult {
+    PathResult::Failed(PathFailure {
+        path: path.clone(),
+        kind: FailureKind::Dependency,
+        message: format!(
+            "{}: not published because its reference {} failed",
+            path.to_absolute(),
+            dep.to_absolute()
+        ),
+        hint: None,
+    })
 }
 
 fn target_failure(path: &StorePath, e: TargetError) -> PathFailure {

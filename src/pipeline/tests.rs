@@ -153,10 +153,10 @@ fn store(dir: &Path, graph: &[(&str, &[&str])]) -> Arc<Store> {
     Arc::new(Store::open(&db).expect("open test db"))
 }
 
-fn pipeline(store: Arc<Store>, fake: Arc<Fake>, dir: &Path) -> Pipeline {
+fn pipeline(store: Arc<Store>, target: crate::target::DynTarget, dir: &Path) -> Pipeline {
     Pipeline::new(
         store,
-        fake,
+        target,
         Some(SigningKey::from_seed("test-1", [7; 32])),
         Options {
             jobs: 4,
@@ -514,4 +514,242 @@ async fn a_path_missing_from_the_store_is_a_plan_error_naming_it() {
         err.to_string().contains(&path("absent").to_absolute()),
         "{err}"
     );
+}
+
+/// A host's store behind one ordered channel, as the ssh target is: commits are applied
+/// in the order they were handed over, a path whose reference is not stored is refused,
+/// and a refusal ends the channel, failing what was handed over behind it.
+#[derive(Default)]
+struct Channel {
+    ordered: bool,
+    /// Answers wait until this many commits were handed over (or a second passed).
+    hold: usize,
+    shared: Arc<ChannelShared>,
+}
+
+#[derive(Default)]
+struct ChannelShared {
+    /// Per path name: how its commit is refused, one error per attempt, then success.
+    refuse: Mutex<HashMap<String, Vec<TargetError>>>,
+    state: Mutex<ChannelState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    stored: HashSet<String>,
+    /// Per commit handed over, in order: the path and how many answers had come before.
+    handed: Vec<(String, usize)>,
+    answered: usize,
+    /// Commits queued, and the queued one to be answered next.
+    queued: usize,
+    next: usize,
+    /// Queued commits before this one fail: the channel ended under them.
+    broken_before: usize,
+}
+
+impl ChannelShared {
+    /// Stores the path unless it is refused or a reference is not stored.
+    fn apply(&self, state: &mut ChannelState, narinfo: &NarInfo) -> Result<(), TargetError> {
+        let name = narinfo.store_path.name().to_string();
+        if let Some(errors) = self.refuse.lock().unwrap().get_mut(&name)
+            && !errors.is_empty()
+        {
+            return Err(errors.remove(0));
+        }
+        for r in narinfo
+            .references
+            .iter()
+            .filter(|r| **r != narinfo.store_path)
+        {
+            if !state.stored.contains(r.name()) {
+                return Err(TargetError::transient(format!(
+                    "path {} is not valid",
+                    r.to_absolute()
+                )));
+            }
+        }
+        state.stored.insert(name);
+        Ok(())
+    }
+
+    /// Answers commit `seq` once every earlier one is answered and `hold` were handed over.
+    async fn answer(&self, seq: usize, hold: usize, narinfo: NarInfo) -> Result<(), TargetError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state.lock().unwrap();
+                let held = state.queued < hold && tokio::time::Instant::now() < deadline;
+                if state.next == seq && !held {
+                    break;
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+        let result = {
+            let mut state = self.state.lock().unwrap();
+            let result = if seq < state.broken_before {
+                Err(TargetError::transient(
+                    "the channel closed before the answer",
+                ))
+            } else {
+                self.apply(&mut state, &narinfo)
+            };
+            if result.is_err() {
+                state.broken_before = state.queued;
+            }
+            state.answered += 1;
+            state.next += 1;
+            result
+        };
+        self.changed.notify_waiters();
+        result
+    }
+}
+
+#[async_trait]
+impl Target for Channel {
+    fn url(&self) -> String {
+        "channel://".into()
+    }
+    fn nar_format(&self) -> NarFormat {
+        NarFormat::Raw
+    }
+    async fn open(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
+    async fn missing(&self, paths: &[PathInfo]) -> Result<HashSet<StorePath>, TargetError> {
+        Ok(paths.iter().map(|p| p.path.clone()).collect())
+    }
+    async fn put_nar(&self, _: &PreparedNar) -> Result<String, TargetError> {
+        Ok(String::new())
+    }
+    async fn put_narinfo(&self, narinfo: &NarInfo, _: &PreparedNar) -> Result<(), TargetError> {
+        let mut state = self.shared.state.lock().unwrap();
+        let answered = state.answered;
+        state
+            .handed
+            .push((narinfo.store_path.name().to_string(), answered));
+        state.answered += 1;
+        self.shared.apply(&mut state, narinfo)
+    }
+    fn ordered_commits(&self) -> bool {
+        self.ordered
+    }
+    async fn queue_narinfo(
+        &self,
+        narinfo: &NarInfo,
+        _: &PreparedNar,
+    ) -> Result<crate::target::Committing, TargetError> {
+        let seq = {
+            let mut state = self.shared.state.lock().unwrap();
+            let answered = state.answered;
+            state
+                .handed
+                .push((narinfo.store_path.name().to_string(), answered));
+            state.queued += 1;
+            state.queued - 1
+        };
+        self.shared.changed.notify_waiters();
+        let shared = self.shared.clone();
+        let (hold, narinfo) = (self.hold, narinfo.clone());
+        Ok(Box::pin(
+            async move { shared.answer(seq, hold, narinfo).await },
+        ))
+    }
+}
+
+const CHAIN: &[(&str, &[&str])] = &[("a", &[]), ("b", &["a"]), ("c", &["b", "c"])];
+
+fn handed(channel: &Channel) -> Vec<(String, usize)> {
+    channel.shared.state.lock().unwrap().handed.clone()
+}
+
+#[tokio::test]
+async fn an_ordered_target_gets_a_chain_without_waiting_for_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let channel = Arc::new(Channel {
+        ordered: true,
+        hold: 3,
+        ..Default::default()
+    });
+    let p = pipeline(store(dir.path(), CHAIN), channel.clone(), dir.path());
+    let report = push_names(&p, &["c"]).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(report.pushed.len(), 3);
+    // Every commit went out before any answer came back, references first.
+    let expected: Vec<(String, usize)> =
+        ["a", "b", "c"].iter().map(|n| (n.to_string(), 0)).collect();
+    assert_eq!(handed(&channel), expected);
+}
+
+#[tokio::test]
+async fn a_target_without_ordered_commits_still_waits_for_each_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let channel = Arc::new(Channel::default());
+    let p = pipeline(store(dir.path(), CHAIN), channel.clone(), dir.path());
+    let report = push_names(&p, &["c"]).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    let expected: Vec<(String, usize)> = [("a", 0), ("b", 1), ("c", 2)]
+        .iter()
+        .map(|(n, i)| (n.to_string(), *i))
+        .collect();
+    assert_eq!(handed(&channel), expected);
+}
+
+#[tokio::test]
+async fn a_refused_first_link_fails_the_chain_behind_it_as_a_dependency() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let channel = Arc::new(Channel {
+        ordered: true,
+        hold: 3,
+        ..Default::default()
+    });
+    channel.shared.refuse.lock().unwrap().insert(
+        "a".into(),
+        vec![TargetError::auth(
+            "cannot add path a because it lacks a valid signature",
+        )],
+    );
+    let p = pipeline(store(dir.path(), CHAIN), channel.clone(), dir.path());
+    let report = push_names(&p, &["c"]).await.expect("push");
+    assert!(report.pushed.is_empty(), "{report:?}");
+    let kinds: HashMap<&str, FailureKind> = report
+        .failed
+        .iter()
+        .map(|f| (f.path.name(), f.kind))
+        .collect();
+    assert_eq!(kinds["a"], FailureKind::Auth, "{report:?}");
+    assert_eq!(kinds["b"], FailureKind::Dependency, "{report:?}");
+    assert_eq!(kinds["c"], FailureKind::Dependency, "{report:?}");
+    assert!(channel.shared.state.lock().unwrap().stored.is_empty());
+    // b and c were sent behind a, and not again once a was refused.
+    let sent: Vec<String> = handed(&channel).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(sent, ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn a_channel_lost_under_a_chain_is_retried_until_the_whole_chain_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let channel = Arc::new(Channel {
+        ordered: true,
+        hold: 3,
+        ..Default::default()
+    });
+    channel.shared.refuse.lock().unwrap().insert(
+        "a".into(),
+        vec![TargetError::transient("the connection closed")],
+    );
+    let p = pipeline(store(dir.path(), CHAIN), channel.clone(), dir.path());
+    let report = push_names(&p, &["c"]).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(report.pushed.len(), 3);
+    let stored = channel.shared.state.lock().unwrap().stored.clone();
+    assert_eq!(stored, HashSet::from(["a", "b", "c"].map(String::from)));
+    // Each was sent once behind a, and once more after its references were stored.
+    let sent: Vec<String> = handed(&channel).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(sent, ["a", "b", "c", "a", "b", "c"], "{sent:?}");
 }

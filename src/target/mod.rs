@@ -9,7 +9,10 @@
 //! file that the pipeline spools to disk and hashes before anything leaves the machine;
 //! Attic wants the raw NAR streamed, and compresses and signs on its side; so does a host's
 //! store over ssh. The narinfo is always the commit point: [`Target::put_narinfo`] is called
-//! only after the NAR is stored and after every reference's narinfo exists. For Attic and
+//! only after the NAR is stored and after every reference's narinfo exists, except on a
+//! target that declares [`Target::ordered_commits`], whose channel keeps a path behind
+//! its references (the ssh target: a host's store refuses a path whose references are
+//! not valid yet, and a connection applies requests in the order they were sent). For Attic and
 //! ssh the commit is one request carrying the signed metadata and the NAR (`upload-path`,
 //! AddToStoreNar), so their `put_nar` stores nothing and `put_narinfo` streams the NAR.
 //!
@@ -165,6 +168,30 @@ pub trait Target: Send + Sync {
     /// Store the narinfo: the commit point after which substituters see the path.
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
 
+    /// Whether commits go out on ordered channels: a narinfo handed over with
+    /// [`Target::queue_narinfo`] after each of its references' narinfos was handed over is
+    /// applied after them, and fails (without being stored) if one of them fails. The
+    /// pipeline then hands a path over as soon as its references are handed over, instead
+    /// of after they are stored. The target must keep that order itself (one channel for a
+    /// path and its references in flight, or waiting); false for every cache that stores
+    /// what it is given whatever else is there.
+    fn ordered_commits(&self) -> bool {
+        false
+    }
+
+    /// Hands the narinfo over for storing, returning once it is on its way; what it returns
+    /// finishes when the narinfo is stored. Only targets with
+    /// [`Target::ordered_commits`] have a reason to return before the commit: the default
+    /// stores it first.
+    async fn queue_narinfo(
+        &self,
+        narinfo: &NarInfo,
+        nar: &PreparedNar,
+    ) -> Result<Committing, TargetError> {
+        self.put_narinfo(narinfo, nar).await?;
+        Ok(Box::pin(async { Ok(()) }))
+    }
+
     /// Whether a path this target lacks may be left to upstream (`upstream-keys`): true for
     /// binary caches, whose readers have upstream as a substituter too; false for a Nix
     /// store, which accepts a path only once every reference is valid in it.
@@ -196,6 +223,10 @@ pub fn log_key(drv: &StorePath) -> String {
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
 
 pub type DynTarget = Arc<dyn Target>;
+
+/// A narinfo handed over and not yet stored ([`Target::queue_narinfo`]).
+pub type Committing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TargetError>> + Send>>;
 
 /// Builds the target a cache URL names:
 /// `file:///dir` (or a bare absolute path), `http(s)://...`, `s3://bucket[/prefix]?...`,

@@ -26,9 +26,13 @@
 //!
 //! A connection is a writer task and a reader task around one `ssh` process: requests are
 //! written as they come, without waiting for earlier answers (pipelining), and the answers,
-//! which come back in order, are matched to them. The pipeline hands this target a path
-//! only after its references were answered, so a path never overtakes its references, even
-//! on another connection. Connections are opened as concurrent requests need them, up to
+//! which come back in order, are matched to them. The target declares ordered commits, so
+//! the pipeline hands it a path as soon as its references are handed over: the path goes
+//! on the connection that carries them (or waits while they are spread over several), so
+//! the remote never sees it before them. Should a reference fail, the connection ends
+//! and everything sent after it fails as transient; the pipeline then sends it again once
+//! its references are stored. The remote checks references itself, so a path whose
+//! reference is missing is refused, never stored. Connections are opened as concurrent requests need them, up to
 //! `jobs`, and closed after [`IDLE`] without a request.
 //!
 //! # Failures
@@ -47,14 +51,14 @@ mod command;
 mod conn;
 mod errors;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Notify, oneshot};
 
-use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use super::{Committing, NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::serve::{self, AddToStoreNar};
 use crate::format::store_path::StorePath;
@@ -71,6 +75,21 @@ struct Pool {
     conns: Vec<Arc<Conn>>,
     /// Connections being opened right now.
     opening: usize,
+    /// Paths handed over through `queue_narinfo` whose answer is still to come, and those
+    /// whose answer was an error: what a referrer must go behind, or must not go out after.
+    carrying: HashMap<StorePath, Carrier>,
+}
+
+enum Carrier {
+    On(Arc<Conn>),
+    Failed,
+}
+
+/// Where a request may go, given the references it must follow.
+enum Route {
+    To(Arc<Conn>),
+    Connect,
+    Wait,
 }
 
 /// A host's store over ssh.
@@ -104,7 +123,28 @@ impl SshTarget {
     /// Sends `request` on a connection (opening one if every open one is busy and there is
     /// room) and waits for its answer.
     async fn call(&self, request: Request) -> Result<Reply, TargetError> {
+        self.submit(request, &[])
+            .await?
+            .await
+            .unwrap_or_else(|_| Err(self.lost("before the remote answered")))
+    }
+
+    /// Hands `request` to a connection and returns where its answer will come. A request
+    /// that must follow paths still in flight (`after`) goes on their connection, so the
+    /// remote sees it after them; while they are spread over several connections, or on
+    /// one that died, it waits for their answers. After one whose answer was an error it
+    /// does not go out at all: the remote would refuse it for the missing reference and
+    /// end the connection, failing every other request on it.
+    async fn submit(
+        &self,
+        request: Request,
+        after: &[StorePath],
+    ) -> Result<oneshot::Receiver<Result<Reply, TargetError>>, TargetError> {
         let (tx, rx) = oneshot::channel();
+        let path = match &request {
+            Request::Add { path, .. } => Some(path.clone()),
+            Request::QueryValid(_) => None,
+        };
         let mut job = Some(Job { request, reply: tx });
         loop {
             let notified = self.changed.notified();
@@ -113,22 +153,37 @@ impl SshTarget {
             let connect = {
                 let mut pool = self.lock_pool();
                 pool.conns.retain(|c| !c.is_dead());
-                let room = pool.conns.len() + pool.opening < self.max_connections;
-                let best = pool.conns.iter().min_by_key(|c| c.load()).cloned();
-                match best {
-                    Some(conn) if conn.load() == 0 || !room => {
-                        if let Some(job) = job.take()
-                            && let Err(reply) = conn.submit(job)
-                        {
-                            let _ = reply.send(Err(self.lost("before the request went out")));
+                let route = match self.route(&pool, after) {
+                    Ok(route) => route,
+                    Err(reference) => {
+                        return Err(TargetError::transient(format!(
+                            "{}: not sent, because its reference {reference} was not stored",
+                            self.spec.label
+                        )));
+                    }
+                };
+                match route {
+                    Route::To(conn) => {
+                        if let Some(job) = job.take() {
+                            match conn.submit(job) {
+                                Ok(()) => {
+                                    if let Some(path) = &path {
+                                        pool.carrying.insert(path.clone(), Carrier::On(conn));
+                                    }
+                                }
+                                Err(reply) => {
+                                    let _ =
+                                        reply.send(Err(self.lost("before the request went out")));
+                                }
+                            }
                         }
                         false
                     }
-                    _ if room => {
+                    Route::Connect => {
                         pool.opening += 1;
                         true
                     }
-                    _ => false,
+                    Route::Wait => false,
                 }
             };
             if job.is_none() {
@@ -140,8 +195,34 @@ impl SshTarget {
                 notified.await;
             }
         }
-        rx.await
-            .unwrap_or_else(|_| Err(self.lost("before the remote answered")))
+        Ok(rx)
+    }
+
+    /// Where a request that must follow `after` goes now; `Err` names a reference whose
+    /// answer was an error.
+    fn route<'a>(&self, pool: &Pool, after: &'a [StorePath]) -> Result<Route, &'a StorePath> {
+        let mut carriers: Vec<&Arc<Conn>> = Vec::new();
+        for reference in after {
+            match pool.carrying.get(reference) {
+                Some(Carrier::Failed) => return Err(reference),
+                Some(Carrier::On(conn)) if !carriers.iter().any(|c| Arc::ptr_eq(c, conn)) => {
+                    carriers.push(conn)
+                }
+                _ => {}
+            }
+        }
+        match carriers.as_slice() {
+            [conn] if !conn.is_dead() => return Ok(Route::To(Arc::clone(conn))),
+            [] => {}
+            _ => return Ok(Route::Wait),
+        }
+        let room = pool.conns.len() + pool.opening < self.max_connections;
+        let best = pool.conns.iter().min_by_key(|c| c.load()).cloned();
+        Ok(match best {
+            Some(conn) if conn.load() == 0 || !room => Route::To(conn),
+            _ if room => Route::Connect,
+            _ => Route::Wait,
+        })
     }
 
     /// Opens a connection into the pool; the caller has counted it in `opening`.
@@ -204,6 +285,10 @@ impl Target for SshTarget {
             )));
         };
         let valid: HashSet<String> = valid.into_iter().collect();
+        // A new plan: what failed before is either valid now or will be sent again.
+        self.lock_pool()
+            .carrying
+            .retain(|_, carrier| matches!(carrier, Carrier::On(_)));
         Ok(paths
             .iter()
             .filter(|p| !valid.contains(&p.path.to_absolute()))
@@ -217,6 +302,47 @@ impl Target for SshTarget {
     }
 
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {
+        self.queue_narinfo(narinfo, nar).await?.await
+    }
+
+    fn ordered_commits(&self) -> bool {
+        // Each connection's requests are applied in the order they were written, one
+        // failing ends the connection and with it everything sent after it, and `submit`
+        // puts a path on the connection carrying its references.
+        true
+    }
+
+    async fn queue_narinfo(
+        &self,
+        narinfo: &NarInfo,
+        nar: &PreparedNar,
+    ) -> Result<Committing, TargetError> {
+        let request = self.add_request(narinfo, nar)?;
+        let after: Vec<StorePath> = narinfo
+            .references
+            .iter()
+            .filter(|r| **r != narinfo.store_path)
+            .cloned()
+            .collect();
+        let answer = self.submit(request, &after).await?;
+        let settle = Settle {
+            pool: self.pool.clone(),
+            changed: self.changed.clone(),
+            path: narinfo.store_path.clone(),
+            stored: false,
+        };
+        let lost = self.lost("before the remote answered");
+        Ok(Box::pin(async move {
+            let mut settle = settle;
+            let result = answer.await.unwrap_or(Err(lost)).map(|_| ());
+            settle.stored = result.is_ok();
+            result
+        }))
+    }
+}
+
+impl SshTarget {
+    fn add_request(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<Request, TargetError> {
         let NarBody::Raw(source) = &nar.body else {
             return Err(TargetError::permanent(format!(
                 "{}: ssh target was handed a compressed NAR for {}",
@@ -246,12 +372,32 @@ impl Target for SshTarget {
         serve::write_add_to_store_nar(&mut header, &request).map_err(|e| {
             TargetError::permanent(format!("{}: cannot encode the request: {e}", request.path))
         })?;
-        self.call(Request::Add {
+        Ok(Request::Add {
             path: narinfo.store_path.clone(),
             header,
             nar: source.clone(),
         })
-        .await
-        .map(|_| ())
+    }
+}
+
+/// Settles a queued path's entry in the pool once its answer is in (or nobody waits for
+/// it any more): gone when stored, marked failed otherwise, and waiting referrers woken.
+struct Settle {
+    pool: Arc<Mutex<Pool>>,
+    changed: Arc<Notify>,
+    path: StorePath,
+    stored: bool,
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stored {
+            pool.carrying.remove(&self.path);
+        } else {
+            pool.carrying.insert(self.path.clone(), Carrier::Failed);
+        }
+        drop(pool);
+        self.changed.notify_waiters();
     }
 }
