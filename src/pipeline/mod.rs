@@ -15,13 +15,20 @@
 //!    `jobs`) keep many small paths moving while the cores compress the next ones, and a
 //!    file cache shares one directory fsync among all renames in flight. Spooled NARs
 //!    waiting for upload are bounded by the two slot counts together;
-//! 4. wait until every reference that was missing has its narinfo in the cache;
-//! 5. sign the narinfo and store it: the commit point;
+//! 4. wait until every reference that was missing has its narinfo in the cache, or, for a
+//!    target that declares [`ordered_commits`](crate::target::Target::ordered_commits),
+//!    until each was handed over to it;
+//! 5. sign the narinfo and store it: the commit point. On an ordered target the path goes
+//!    out behind its references without waiting for their answers (one round trip per
+//!    closure instead of one per level of its depth); if that commit fails, the path is
+//!    sent again the careful way, once its references are stored, so a reference's
+//!    failure surfaces as its own error and this path's is retried, never final;
 //! 6. once referrers have been told, upload the derivation's build log where the target has
 //!    a place for it (once per derivation; a failure is reported, never the path's).
 //!
-//! So a narinfo is written only after its NAR and its references' narinfos, and a path whose
-//! reference failed is never published. The guarantee a cache gets from this: **every
+//! So a narinfo is written only after its NAR and its references' narinfos (on an ordered
+//! target: applied after them, or not at all), and a path whose reference failed is never
+//! published. The guarantee a cache gets from this: **every
 //! reference of a narinfo in the cache is in the cache too, or is signed in the local store
 //! by one of the `upstream-keys`** (a path substituted from upstream, which the plan leaves
 //! there: machines that substitute from this cache fetch it from upstream). Transient target errors are retried with capped
