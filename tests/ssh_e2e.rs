@@ -504,12 +504,25 @@ fn a_connection_lost_mid_push_is_reopened_and_the_push_finishes() {
         &log,
         "narpost push",
     );
-    wait_until(
-        "the first path on the host",
-        Duration::from_secs(120),
-        || !valid_in(&remote, &top).is_empty(),
-    );
-    // The remote end dies while the big NAR is on its way.
+    // The remote end dies while the big NAR is on its way: once the host writes its blob
+    // and before the path is valid. Waiting for the small path to be valid would not do:
+    // the big one goes out right behind it and may be in by the time that is seen.
+    let big = nix_closure(std::slice::from_ref(&top))
+        .into_iter()
+        .find(|p| p.name() == "narpost-ssh-big")
+        .expect("the big path in the closure");
+    let blob = Path::new(&remote)
+        .join("nix/store")
+        .join(big.base())
+        .join("blob");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !blob.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the host never started on the big path"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pids = serve_processes(&remote);
     assert!(!pids.is_empty(), "no nix-store --serve for {remote}");
     for pid in pids {

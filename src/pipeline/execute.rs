@@ -294,6 +294,13 @@ impl Pipeline {
                         Ok(p) => p,
                         Err(_) => return PathResult::Skipped(path),
                     };
+                    // Only now, when it is sent again: had a reference failed, this path
+                    // would be withheld, not retried. A lost connection is seen this way.
+                    self.emit(Event::Retrying {
+                        what: what.clone(),
+                        delay: std::time::Duration::ZERO,
+                        error: e.message.clone(),
+                    });
                     self.retry(&what, || self.target.put_narinfo(&narinfo, &prepared))
                         .await
                 }

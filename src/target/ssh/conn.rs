@@ -567,13 +567,29 @@ async fn reader<R: AsyncRead + Unpin>(
     }
 }
 
+/// A connection to a remote played by the test (its reading and writing ends), with
+/// `timeout_` for every wait.
+#[cfg(test)]
+pub(super) fn test_connection(
+    timeout_: Duration,
+) -> (Arc<Conn>, tokio::io::DuplexStream, tokio::io::DuplexStream) {
+    let (client_w, remote_r) = tokio::io::duplex(1 << 16);
+    let (remote_w, client_r) = tokio::io::duplex(1 << 16);
+    let remote = Remote {
+        spec: Arc::new(
+            SshSpec::parse("ssh://cache", None, Duration::from_secs(5)).expect("test spec"),
+        ),
+        child: None,
+        tail: Arc::default(),
+        stderr_done: None,
+    };
+    let conn = start(client_w, client_r, remote, Arc::default(), timeout_);
+    (conn, remote_r, remote_w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec() -> SshSpec {
-        SshSpec::parse("ssh://cache", None, Duration::from_secs(5)).unwrap()
-    }
 
     /// A remote that reads `requests` requests before answering any: a client that waited
     /// for each answer before sending the next request would hang here.
@@ -640,20 +656,10 @@ mod tests {
         assert!(conn.is_dead());
     }
 
-    /// A connection to a remote played by the test, with `timeout_` for every wait.
     fn connection(
         timeout_: Duration,
     ) -> (Arc<Conn>, tokio::io::DuplexStream, tokio::io::DuplexStream) {
-        let (client_w, remote_r) = tokio::io::duplex(1 << 16);
-        let (remote_w, client_r) = tokio::io::duplex(1 << 16);
-        let remote = Remote {
-            spec: Arc::new(spec()),
-            child: None,
-            tail: Arc::default(),
-            stderr_done: None,
-        };
-        let conn = start(client_w, client_r, remote, Arc::default(), timeout_);
-        (conn, remote_r, remote_w)
+        test_connection(timeout_)
     }
 
     fn query(conn: &Conn, paths: &[&str]) -> oneshot::Receiver<Result<Reply, TargetError>> {

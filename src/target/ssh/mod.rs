@@ -78,10 +78,14 @@ struct Pool {
     /// Paths handed over through `queue_narinfo` whose answer is still to come, and those
     /// whose answer was an error: what a referrer must go behind, or must not go out after.
     carrying: HashMap<StorePath, Carrier>,
+    /// Numbers the hand-overs, so an answer settles only its own entry, never a later
+    /// attempt's at the same path.
+    handed: u64,
 }
 
 enum Carrier {
-    On(Arc<Conn>),
+    /// In flight on this connection, as hand-over number `.1`.
+    On(Arc<Conn>, u64),
     Failed,
 }
 
@@ -125,6 +129,7 @@ impl SshTarget {
     async fn call(&self, request: Request) -> Result<Reply, TargetError> {
         self.submit(request, &[])
             .await?
+            .answer
             .await
             .unwrap_or_else(|_| Err(self.lost("before the remote answered")))
     }
@@ -132,20 +137,18 @@ impl SshTarget {
     /// Hands `request` to a connection and returns where its answer will come. A request
     /// that must follow paths still in flight (`after`) goes on their connection, so the
     /// remote sees it after them; while they are spread over several connections, or on
-    /// one that died, it waits for their answers. After one whose answer was an error it
-    /// does not go out at all: the remote would refuse it for the missing reference and
-    /// end the connection, failing every other request on it.
-    async fn submit(
-        &self,
-        request: Request,
-        after: &[StorePath],
-    ) -> Result<oneshot::Receiver<Result<Reply, TargetError>>, TargetError> {
+    /// one that died, it waits for their answers (sent elsewhere, it would reach the remote
+    /// before them, be refused and take that connection down). After one whose answer was
+    /// an error it does not go out at all: the remote would refuse it for the missing
+    /// reference and end the connection, failing every other request on it.
+    async fn submit(&self, request: Request, after: &[StorePath]) -> Result<Handed, TargetError> {
         let (tx, rx) = oneshot::channel();
         let path = match &request {
             Request::Add { path, .. } => Some(path.clone()),
             Request::QueryValid(_) => None,
         };
         let mut job = Some(Job { request, reply: tx });
+        let mut number = None;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -165,16 +168,18 @@ impl SshTarget {
                 match route {
                     Route::To(conn) => {
                         if let Some(job) = job.take() {
-                            match conn.submit(job) {
-                                Ok(()) => {
-                                    if let Some(path) = &path {
-                                        pool.carrying.insert(path.clone(), Carrier::On(conn));
-                                    }
-                                }
-                                Err(reply) => {
-                                    let _ =
-                                        reply.send(Err(self.lost("before the request went out")));
-                                }
+                            // Entered even if the connection is gone already: the pipeline
+                            // lets referrers go once this returns, and they must find it
+                            // (failed, once its answer is in), not an empty place.
+                            if let Some(path) = &path {
+                                pool.handed += 1;
+                                let n = pool.handed;
+                                pool.carrying
+                                    .insert(path.clone(), Carrier::On(conn.clone(), n));
+                                number = Some(n);
+                            }
+                            if let Err(reply) = conn.submit(job) {
+                                let _ = reply.send(Err(self.lost("before the request went out")));
                             }
                         }
                         false
@@ -195,7 +200,7 @@ impl SshTarget {
                 notified.await;
             }
         }
-        Ok(rx)
+        Ok(Handed { answer: rx, number })
     }
 
     /// Where a request that must follow `after` goes now; `Err` names a reference whose
@@ -205,7 +210,7 @@ impl SshTarget {
         for reference in after {
             match pool.carrying.get(reference) {
                 Some(Carrier::Failed) => return Err(reference),
-                Some(Carrier::On(conn)) if !carriers.iter().any(|c| Arc::ptr_eq(c, conn)) => {
+                Some(Carrier::On(conn, _)) if !carriers.iter().any(|c| Arc::ptr_eq(c, conn)) => {
                     carriers.push(conn)
                 }
                 _ => {}
@@ -214,6 +219,8 @@ impl SshTarget {
         match carriers.as_slice() {
             [conn] if !conn.is_dead() => return Ok(Route::To(Arc::clone(conn))),
             [] => {}
+            // Several carriers, or one whose connection died: their answers (a dead
+            // connection fails what it still holds) settle them and wake this request.
             _ => return Ok(Route::Wait),
         }
         let room = pool.conns.len() + pool.opening < self.max_connections;
@@ -288,7 +295,7 @@ impl Target for SshTarget {
         // A new plan: what failed before is either valid now or will be sent again.
         self.lock_pool()
             .carrying
-            .retain(|_, carrier| matches!(carrier, Carrier::On(_)));
+            .retain(|_, carrier| matches!(carrier, Carrier::On(..)));
         Ok(paths
             .iter()
             .filter(|p| !valid.contains(&p.path.to_absolute()))
@@ -324,11 +331,12 @@ impl Target for SshTarget {
             .filter(|r| **r != narinfo.store_path)
             .cloned()
             .collect();
-        let answer = self.submit(request, &after).await?;
+        let Handed { answer, number } = self.submit(request, &after).await?;
         let settle = Settle {
             pool: self.pool.clone(),
             changed: self.changed.clone(),
             path: narinfo.store_path.clone(),
+            number: number.unwrap_or_default(),
             stored: false,
         };
         let lost = self.lost("before the remote answered");
@@ -381,23 +389,194 @@ impl SshTarget {
 }
 
 /// Settles a queued path's entry in the pool once its answer is in (or nobody waits for
-/// it any more): gone when stored, marked failed otherwise, and waiting referrers woken.
+/// it any more): gone when stored, marked failed otherwise (unless a later attempt's entry
+/// took its place), and waiting referrers woken.
 struct Settle {
     pool: Arc<Mutex<Pool>>,
     changed: Arc<Notify>,
     path: StorePath,
+    /// The hand-over's number.
+    number: u64,
     stored: bool,
 }
 
 impl Drop for Settle {
     fn drop(&mut self) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let own = matches!(
+            pool.carrying.get(&self.path),
+            Some(Carrier::On(_, n)) if *n == self.number
+        );
         if self.stored {
+            // Stored is stored, whichever attempt is in flight too.
             pool.carrying.remove(&self.path);
-        } else {
+        } else if own {
+            // Only this hand-over's own entry: a later attempt in flight, or one that
+            // stored the path meanwhile, says more than this failure.
             pool.carrying.insert(self.path.clone(), Carrier::Failed);
         }
         drop(pool);
         self.changed.notify_waiters();
+    }
+}
+
+/// A request handed to a connection: where its answer comes, and (for a path) the number
+/// its entry in [`Pool::carrying`] has.
+struct Handed {
+    answer: oneshot::Receiver<Result<Reply, TargetError>>,
+    number: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    fn path(name: &str) -> StorePath {
+        StorePath::from_absolute(&format!("/nix/store/{}-{name}", "1".repeat(32)))
+            .expect("test path")
+    }
+
+    fn target() -> SshTarget {
+        SshTarget::new("ssh://cache", None, Duration::from_secs(5), 4).expect("target")
+    }
+
+    /// Enters `path` as in flight on `conn`, the way `submit` does, and returns what
+    /// settles it.
+    fn carry(target: &SshTarget, path: &StorePath, conn: &Arc<Conn>) -> Settle {
+        let mut pool = target.lock_pool();
+        pool.handed += 1;
+        let number = pool.handed;
+        pool.carrying
+            .insert(path.clone(), Carrier::On(conn.clone(), number));
+        Settle {
+            pool: target.pool.clone(),
+            changed: target.changed.clone(),
+            path: path.clone(),
+            number,
+            stored: false,
+        }
+    }
+
+    fn query(paths: &[&StorePath]) -> Request {
+        Request::QueryValid(paths.iter().map(|p| p.to_absolute()).collect())
+    }
+
+    /// A reference on a connection that died before its answer settled: a referrer sent on
+    /// another connection would reach the remote before the reference was stored there and
+    /// be refused, taking that connection down. It waits, and goes once the answer is in.
+    #[tokio::test]
+    async fn a_request_waits_while_its_reference_is_on_a_dead_connection() {
+        let target = Arc::new(target());
+        let (dying, dying_r, dying_w) = conn::test_connection(Duration::from_secs(5));
+        let (live, mut live_r, _live_w) = conn::test_connection(Duration::from_secs(5));
+        target.lock_pool().conns = vec![dying.clone(), live.clone()];
+        let reference = path("reference");
+        let mut settle = carry(&target, &reference, &dying);
+        drop((dying_r, dying_w));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !dying.is_dead() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection notices its remote is gone");
+
+        let referrer = path("referrer");
+        let sending = {
+            let target = target.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                target
+                    .submit(query(&[&referrer]), &[reference])
+                    .await
+                    .map(|_| ())
+            })
+        };
+        let mut buf = [0u8; 8];
+        let early = tokio::time::timeout(Duration::from_millis(300), live_r.read(&mut buf)).await;
+        assert!(early.is_err(), "sent before its reference's answer was in");
+        assert!(!sending.is_finished());
+
+        settle.stored = true;
+        drop(settle);
+        tokio::time::timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("sent once the reference is stored")
+            .expect("task")
+            .expect("submit");
+        let read = tokio::time::timeout(Duration::from_secs(5), live_r.read(&mut buf))
+            .await
+            .expect("the request reaches the live connection")
+            .expect("read");
+        assert!(read > 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_behind_references_on_two_connections_waits_for_one_of_them() {
+        let target = Arc::new(target());
+        let (a, _a_r, _a_w) = conn::test_connection(Duration::from_secs(5));
+        let (b, mut b_r, _b_w) = conn::test_connection(Duration::from_secs(5));
+        target.lock_pool().conns = vec![a.clone(), b.clone()];
+        let (x, z) = (path("x"), path("z"));
+        let mut on_a = carry(&target, &x, &a);
+        let _on_b = carry(&target, &z, &b);
+        let sending = {
+            let (target, x, z) = (target.clone(), x.clone(), z.clone());
+            tokio::spawn(async move {
+                target
+                    .submit(query(&[&path("y")]), &[x, z])
+                    .await
+                    .map(|_| ())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !sending.is_finished(),
+            "went out with its references on two connections"
+        );
+        on_a.stored = true;
+        drop(on_a);
+        tokio::time::timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("sent once one carrier is left")
+            .expect("task")
+            .expect("submit");
+        // Behind z, on z's connection.
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), b_r.read(&mut buf))
+            .await
+            .expect("the request goes on the connection carrying z")
+            .expect("read");
+        assert!(read > 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_behind_a_failed_reference_is_not_sent_and_a_stale_answer_changes_nothing() {
+        let target = target();
+        let (a, mut a_r, _a_w) = conn::test_connection(Duration::from_secs(5));
+        target.lock_pool().conns = vec![a.clone()];
+        let x = path("x");
+        let first = carry(&target, &x, &a);
+        // A second attempt is in flight when the first one's failure comes in late: the
+        // second one's entry stands, and a referrer goes behind it.
+        let second = carry(&target, &x, &a);
+        drop(first);
+        assert!(matches!(
+            target.lock_pool().carrying.get(&x),
+            Some(Carrier::On(_, n)) if *n == second.number
+        ));
+        drop(second);
+        let e = match target
+            .submit(query(&[&path("y")]), std::slice::from_ref(&x))
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("sent behind a reference that failed"),
+        };
+        assert!(e.is_retryable(), "{e}");
+        let mut buf = [0u8; 8];
+        let nothing = tokio::time::timeout(Duration::from_millis(200), a_r.read(&mut buf)).await;
+        assert!(nothing.is_err(), "something went out");
     }
 }
