@@ -234,12 +234,10 @@ impl SshTarget {
 
     /// Opens a connection into the pool; the caller has counted it in `opening`.
     async fn add_connection(&self) -> Result<(), TargetError> {
+        let opening = Opening(self);
         let opened = conn::connect(&self.spec, self.timeout, self.pool.clone()).await;
-        let mut pool = self.lock_pool();
-        pool.opening -= 1;
-        let result = opened.map(|conn| pool.conns.push(conn));
-        drop(pool);
-        self.changed.notify_waiters();
+        let result = opened.map(|conn| self.lock_pool().conns.push(conn));
+        drop(opening);
         result
     }
 
@@ -385,6 +383,20 @@ impl SshTarget {
             header,
             nar: source.clone(),
         })
+    }
+}
+
+/// A connection being opened, counted in [`Pool::opening`] until this is dropped: also when
+/// the caller is dropped midway (a push cut short), or the count would hold that room for
+/// good.
+struct Opening<'a>(&'a SshTarget);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.0.lock_pool();
+        pool.opening = pool.opening.saturating_sub(1);
+        drop(pool);
+        self.0.changed.notify_waiters();
     }
 }
 
