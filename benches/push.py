@@ -19,10 +19,14 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
   tiny paths    1,000 store paths of one small file each
                 - narpost push, nix copy
                 - over ssh: narpost push, nix copy --to ssh:// (as for the big closure)
+  chain         200 store paths of one small file each, each referring to the one before
+                - over ssh only: narpost push, nix copy --to ssh:// (as for the big
+                  closure); a host's store takes a path only after its reference, so this
+                  is where waiting for each answer before the next path would show
 
 Peak RSS is each command's maximum resident set (of the process tree, from wait4).
 Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny] [--skip-s3]
-       [--skip-ssh] [--ssh-only]
+       [--skip-ssh] [--ssh-only] [--skip-chain] [--chain-depth N]
 """
 
 import argparse
@@ -115,6 +119,29 @@ def build_tiny(work, nonce, count):
     return out.stdout.split()
 
 
+def build_chain(work, nonce, depth):
+    """`depth` one-file paths, each naming the one before (so referring to it); returns
+    the last."""
+    links = ['l0 = mk "narpost-bench-chain-0" "echo 0 > $out";']
+    for i in range(1, depth):
+        links.append(f'l{i} = mk "narpost-bench-chain-{i}" "echo ${{l{i - 1}}} > $out";')
+    expr = f"""
+let
+  mk = name: script: builtins.derivation {{
+    inherit name; nonce = "{nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+    PATH = "/bin:/usr/bin"; args = [ "-c" script ];
+  }};
+in rec {{
+  {' '.join(links)}
+}}
+"""
+    path = os.path.join(work, "chain.nix")
+    with open(path, "w") as f:
+        f.write(expr)
+    out = sh(["nix-build", path, "-A", f"l{depth - 1}", "--no-out-link"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def closure(paths):
     out = sh(["nix-store", "-qR", *paths], capture_output=True, text=True)
     return out.stdout.split()
@@ -154,6 +181,8 @@ def main():
     ap.add_argument("--skip-ssh", action="store_true")
     ap.add_argument("--ssh-only", action="store_true", help="only the rows over ssh")
     ap.add_argument("--tiny-count", type=int, default=1000)
+    ap.add_argument("--skip-chain", action="store_true")
+    ap.add_argument("--chain-depth", type=int, default=200)
     args = ap.parse_args()
     narpost = os.path.abspath(args.narpost)
     for tool in ["nix-build", "nix-store", "nix", "zstd"]:
@@ -226,6 +255,12 @@ def main():
             c_t, c_m = median_run(args.runs, nix_copy_cmd(tiny), scratch)
             rows.append((group, "narpost push", n_t, n_m, size))
             rows.append((group, "nix copy", c_t, c_m, size))
+        if not args.skip_chain and not args.skip_ssh:
+            top = build_chain(scratch, nonce, args.chain_depth)
+            size = nar_size(closure([top]))
+            group = f"chain over ssh ({args.chain_depth} paths)"
+            for name, t, m in ssh_runs(args.runs, narpost, state, key, [top], [], scratch):
+                rows.append((group, name, t, m, size))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -274,8 +309,8 @@ def ssh_runs(runs, narpost, state, key, paths, extra, scratch):
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.access(sshd, os.X_OK) or shutil.which("ssh") is None:
         sys.exit("bench: sshd or ssh not found; run scripts/install-deps")
-    d = os.path.join(scratch, "sshd")
-    os.makedirs(d)
+    # One directory per call: a run has an sshd for each workload.
+    d = tempfile.mkdtemp(prefix="sshd-", dir=scratch)
     for name in ["host_key", "client_key"]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, name)], check=True)
     with open(os.path.join(d, "client_key.pub")) as f:
