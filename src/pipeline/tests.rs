@@ -32,6 +32,18 @@ struct Fake {
     no_logs: bool,
 }
 
+impl Fake {
+    /// How many build logs the fake cache stored.
+    fn logs_stored(&self) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("log "))
+            .count()
+    }
+}
+
 #[async_trait]
 impl Target for Fake {
     fn url(&self) -> String {
@@ -282,7 +294,7 @@ async fn a_build_log_follows_the_narinfo_once_per_derivation() {
     let log = fake.log.lock().unwrap().clone();
     let entry = "log lr.drv building left and right\n";
     let at = position(&log, entry).expect("log stored");
-    assert_eq!(log.iter().filter(|l| l.starts_with("log ")).count(), 1);
+    assert_eq!(fake.logs_stored(), 1);
     assert!(
         ["narinfo left", "narinfo right"]
             .iter()
@@ -331,14 +343,7 @@ async fn a_cache_without_a_place_for_logs_gets_none_and_no_complaint() {
     let report = push_names(&p, &["other"]).await.expect("push");
     assert!(report.complete(), "{report:?}");
     assert_eq!((report.logs_uploaded, report.log_failures.len()), (0, 0));
-    assert!(
-        !fake
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.starts_with("log "))
-    );
+    assert_eq!(fake.logs_stored(), 0);
 }
 
 #[tokio::test]
@@ -372,14 +377,7 @@ async fn an_empty_log_is_not_uploaded() {
     let p = pipeline(store, fake.clone(), dir.path());
     let report = push_names(&p, &["other"]).await.expect("push");
     assert_eq!((report.logs_uploaded, report.log_failures.len()), (0, 0));
-    assert!(
-        !fake
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.starts_with("log "))
-    );
+    assert_eq!(fake.logs_stored(), 0);
 }
 
 #[tokio::test]
