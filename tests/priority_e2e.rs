@@ -420,3 +420,66 @@ fn signals_to_watch_exec_at_idle_priority_reach_the_command_and_its_code_comes_b
         stderr(&out)
     );
 }
+
+/// The children of `pid`, from `/proc/PID/task/PID/children`.
+fn children(pid: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Waits until `pid` has a child, and returns the first.
+fn wait_child(pid: u32, what: &str, log: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(&child) = children(pid).first() {
+            return child;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start; log:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn in_a_pid_namespace_whose_session_leader_is_outside_the_daemon_still_lowers_itself() {
+    // A container started without a session of its own: getsid() answers 0 there, since the
+    // session's leader has no pid in the namespace.
+    require("ionice");
+    require("unshare");
+    let env = Env::new();
+    let cache = env.path().join("cache");
+    let log = env.path().join("daemon.log");
+    let narpost = env.narpost();
+    let mut outer = Command::new("unshare");
+    outer
+        .args(["--pid", "--fork", "--kill-child", "--"])
+        .arg(narpost.get_program())
+        .args(narpost.get_args())
+        .args(["daemon", "--drain-timeout", "2", "--to", &file_url(&cache)])
+        .stdin(Stdio::null())
+        .stderr(fs::File::create(&log).expect("create a log"));
+    for (key, value) in narpost.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    outer.env_remove("NARPOST_PRIORITY");
+    let mut unshare = outer.spawn().expect("start unshare");
+    let started = wait_child(unshare.id(), "narpost daemon", &log);
+    let worker = wait_child(started, "the drainer", &log);
+    wait_drainer(&env, &log);
+    Sched::of(worker).assert_idle("the drainer in the namespace");
+
+    signal(started, rustix::process::Signal::TERM);
+    let status = wait_exit(&mut unshare, Duration::from_secs(20), &log);
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status}:\n{text}");
+    assert!(text.contains("entries left queued"), "{text}");
+}

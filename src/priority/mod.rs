@@ -108,9 +108,7 @@ pub fn enter(priority: Priority, command: Option<&[String]>) {
     if priority == Priority::Normal {
         return;
     }
-    let me = rustix::process::getpid();
-    let leads_session = rustix::process::getsid(None).is_ok_and(|sid| sid == me);
-    if leads_session && command.is_none() {
+    if leads_own_session() && command.is_none() {
         if under_systemd() {
             tracing::debug!(
                 "running as a systemd service: the unit's CPUWeight= and IOWeight= decide; lowering nice and the I/O class as well"
@@ -144,6 +142,15 @@ pub fn enter(priority: Priority, command: Option<&[String]>) {
             lower(false);
         }
     }
+}
+
+/// Whether this process is the leader of its session. `getsid` answers 0 when the session's
+/// leader lives outside this PID namespace (a container started without a session of its
+/// own), which rustix's `Pid` cannot hold, so this asks libc: such a process leads nothing.
+fn leads_own_session() -> bool {
+    // SAFETY: getsid(0) only reads the calling process's session id.
+    let sid = unsafe { libc::getsid(0) };
+    sid > 0 && sid == rustix::process::getpid().as_raw_nonzero().get()
 }
 
 /// Raises this process back to the priority it had before [`enter`], every thread of it.
