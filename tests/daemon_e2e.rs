@@ -1429,3 +1429,67 @@ fn queued_paths_survive_garbage_collection_until_they_are_uploaded() {
     }
     daemon.stop(Duration::from_secs(10));
 }
+
+#[test]
+fn a_build_that_ends_during_a_long_upload_is_in_the_cache_before_that_upload_ends() {
+    let env = Env::new();
+    let nginx = Nginx::start(env.path());
+    // 8 MiB at 512 KiB/s: a pass of sixteen seconds.
+    let slow = Throttle::start(nginx.port, 512 << 10);
+    let (key, public) = env.keygen("daemon-lane-1");
+    let hooked = HookedNix::install(&env, &env.path().join("gcroots"));
+    let nonce = nonce();
+    let big_file = env.write_nix(
+        "big.nix",
+        &format!(
+            "{}mk \"narpost-lane-big\" \"head -c 8M /dev/urandom > $out\"",
+            nix_prelude(&nonce)
+        ),
+    );
+    let big = hooked.build(&big_file, &[]);
+    let cache = nginx.cache();
+    let mut daemon = Daemon::start(&env, &slow.url(), &key, 30);
+    wait_for(
+        &daemon,
+        "the big upload to be under way",
+        Duration::from_secs(20),
+        || slow.sent.load(Ordering::Relaxed) > 1 << 20,
+    );
+
+    let small_file = env.write_nix(
+        "small.nix",
+        &format!(
+            "{}mk \"narpost-lane-small\" \"echo small > $out\"",
+            nix_prelude(&nonce)
+        ),
+    );
+    let small = hooked.build(&small_file, &[]);
+    let built = Instant::now();
+    wait_for(
+        &daemon,
+        "the small path in the cache",
+        Duration::from_secs(10),
+        || cache.has(&small[0]),
+    );
+    eprintln!(
+        "small path in the cache {:?} after its build",
+        built.elapsed()
+    );
+    assert!(
+        !cache.has(&big[0]),
+        "the big upload ended first, so this shows nothing:\n{}",
+        daemon.log()
+    );
+    cache.assert_complete();
+    assert_eq!(queued_paths(&env.state()), big.iter().cloned().collect());
+    assert_substitutes(&env, &nginx.url(), &public, &small);
+
+    // The pass under way goes on; both entries end up acknowledged.
+    slow.rate.store(256 << 20, Ordering::Relaxed);
+    wait_drained(&env, &daemon, Duration::from_secs(60));
+    assert!(cache.has(&big[0]));
+    cache.assert_complete();
+    daemon.stop(Duration::from_secs(10));
+    assert!(daemon.log().contains("pushed 2 paths,"), "{}", daemon.log());
+    assert_substitutes(&env, &nginx.url(), &public, &big);
+}

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::roots::{adopt_orphans, make_roots_durable};
+use super::entries::{Loaded, load, union_of};
+use super::lane::{Lane, LaneRun, Settled};
 use super::{DrainState, SPOOL_DIR, STATE_FILE, now};
 use crate::config::Config;
 use crate::format::store_path::StorePath;
-use crate::pipeline::{Pipeline, PipelineError, RetryPolicy};
+use crate::pipeline::{Pipeline, PipelineError, Plan, Report, RetryPolicy};
 use crate::private_dir::PrivateDir;
-use crate::queue::{EntryId, EntryOrCorrupt, GcRoots, Queue};
+use crate::queue::{Entry, EntryId, GcRoots, Queue};
 
 /// Longest wait between attempts while the cache is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -190,7 +191,14 @@ impl Drainer {
     }
 
     /// One pass over the queue. Returns whether the cache looked down (so the caller waits).
-    async fn drain_once(&mut self, cancel: &CancellationToken) -> anyhow::Result<bool> {
+    /// While the pass uploads, entries queued after it started go out in lanes beside it
+    /// (see [`lane`](super::lane)), so a build that ends during a long pass need not wait
+    /// for it.
+    async fn drain_once(
+        &mut self,
+        cancel: &CancellationToken,
+        wake: &mut mpsc::Receiver<()>,
+    ) -> anyhow::Result<bool> {
         let queue = self.queue.clone();
         let roots = self.roots.clone();
         let store = self.pipeline.store().clone();
@@ -199,98 +207,20 @@ impl Drainer {
             Some(at) if Instant::now() >= at => Some(SystemTime::now() - ADOPT_GRACE),
             Some(_) => None,
         };
-        let mut rooted = std::mem::take(&mut self.rooted);
+        let rooted = std::mem::take(&mut self.rooted);
         // Read the queue and check validity off the async threads: both touch the disk.
-        let (entries, invalid, adopted, rooting) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let mut entries = Vec::new();
-            for item in queue.list()? {
-                match item {
-                    EntryOrCorrupt::Valid(e) => entries.push(e),
-                    EntryOrCorrupt::Corrupt {
-                        file,
-                        reason,
-                        quarantined_to,
-                    } => {
-                        tracing::error!(
-                            "{}: corrupt queue entry ({reason}); set aside as {}; the paths it held keep their GC roots and are queued again from those",
-                            queue.queue_dir().join(&file).display(),
-                            quarantined_to
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_else(|| "nothing (could not move it)".into())
-                        );
-                    }
-                }
-            }
-            // Failing to adopt (a full disk) must not stop the entries already queued.
-            let adopted = adopt_before.map(|cutoff| {
-                match adopt_orphans(&queue, &roots, &store, &entries, cutoff) {
-                    Ok(Some(entry)) => {
-                        entries.push(entry);
-                        Ok(())
-                    }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(error_chain(&e)),
-                }
-            });
-            let mut invalid = Vec::new();
-            let mut good = Vec::new();
-            for e in entries {
-                let mut bad = None;
-                for p in &e.paths {
-                    if !store.is_valid(p)? {
-                        bad = Some(p.clone());
-                        break;
-                    }
-                }
-                match bad {
-                    Some(p) => invalid.push((e, p)),
-                    None => good.push(e),
-                }
-            }
-            let rooting = make_roots_durable(&roots, &good, &mut rooted);
-            Ok((good, invalid, adopted, (rooted, rooting)))
+        let loaded = tokio::task::spawn_blocking(move || {
+            load(
+                &queue,
+                &roots,
+                &store,
+                adopt_before,
+                rooted,
+                &HashSet::new(),
+            )
         })
         .await??;
-        let (rooted, rooting) = rooting;
-        self.rooted = rooted;
-        match rooting {
-            Ok(()) => self.resolved("roots", "GC roots can be written again"),
-            Err(msg) => {
-                // Tried again next pass; said once.
-                if self.problem(
-                    "roots",
-                    &format!("{msg}; queued paths may not be protected from garbage collection"),
-                ) {
-                    self.record_error(&msg);
-                }
-            }
-        }
-        match adopted {
-            Some(Ok(())) => {
-                self.resolved("adopt", "orphaned GC roots are queued again");
-                self.next_adoption = Some(Instant::now() + ADOPT_EVERY);
-            }
-            Some(Err(msg)) => {
-                // Tried again next pass.
-                self.record_error(&msg);
-                self.problem(
-                    "adopt",
-                    &format!("cannot queue paths that have a GC root but no entry: {msg}"),
-                );
-            }
-            None => {}
-        }
-
-        for (entry, path) in invalid {
-            let reason = format!(
-                "{}: no longer valid in the store (garbage-collected or deleted before upload)",
-                path.to_absolute()
-            );
-            tracing::warn!("{reason}");
-            self.record_error(&reason);
-            self.queue.fail(&entry.id, &reason)?;
-            self.release(&entry.paths);
-        }
+        let entries = self.take_loaded(loaded)?;
         if entries.is_empty() {
             // Nothing to upload says nothing about the cache: while it counts as down, ask it
             // directly, so `status` does not go on saying "down" over an empty queue.
@@ -311,13 +241,7 @@ impl Drainer {
             return Ok(false);
         }
 
-        let roots: Vec<StorePath> = entries
-            .iter()
-            .flat_map(|e| e.paths.iter().cloned())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let plan = match self.pipeline.plan(&roots, true).await {
+        let plan = match self.pipeline.plan(&union_of(&entries), true).await {
             Ok(p) => p,
             Err(e) => {
                 let msg = e.to_string();
@@ -335,8 +259,149 @@ impl Drainer {
                 return Err(e.into());
             }
         };
-        let report = self.pipeline.execute(&plan, cancel).await;
-        crate::metrics::global().record_report(&report);
+
+        let pipeline = self.pipeline.clone();
+        let execute = pipeline.execute(&plan, cancel);
+        tokio::pin!(execute);
+        let mut known: HashSet<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
+        let mut lane: Option<Lane> = None;
+        let mut lanes = Settled::default();
+        // watch-exec's last drain has nobody left to queue anything: its channel is closed.
+        let mut listening = true;
+        let report = loop {
+            tokio::select! {
+                report = &mut execute => break report,
+                run = async { lane.as_mut().expect("guarded by is_some").await }, if lane.is_some() => {
+                    lane = None;
+                    lanes.add(self.take_lane(run, &mut known)?);
+                }
+                woke = wake.recv(), if listening && lane.is_none() && !cancel.is_cancelled() => {
+                    if woke.is_some() {
+                        lane = Some(self.lane(&known, cancel));
+                    } else {
+                        listening = false;
+                    }
+                }
+                _ = tokio::time::sleep(POLL), if lane.is_none() && !cancel.is_cancelled() => {
+                    lane = Some(self.lane(&known, cancel));
+                }
+            }
+        };
+        if let Some(run) = lane.take() {
+            let run = run.await;
+            lanes.add(self.take_lane(run, &mut known)?);
+        }
+        let mut settled = self.settle(&entries, &plan, &report)?;
+        settled.add(lanes);
+
+        // Back to normal only when a whole pass went through: a cache that answers the
+        // planning queries but fails uploads, or a full spool disk, is still "down".
+        match settled.failure {
+            Some(msg) => {
+                self.record_error(&msg);
+                if !cancel.is_cancelled() {
+                    self.cache_down(&msg);
+                }
+            }
+            None if !cancel.is_cancelled() => self.cache_up(),
+            None => {}
+        }
+        self.write_state();
+        Ok(settled.transient && !cancel.is_cancelled())
+    }
+
+    /// Starts a lane for what was queued since `known` was listed.
+    fn lane(&self, known: &HashSet<EntryId>, cancel: &CancellationToken) -> Lane {
+        Box::pin(super::lane::run(
+            self.pipeline.clone(),
+            self.queue.clone(),
+            self.roots.clone(),
+            known.clone(),
+            cancel.clone(),
+        ))
+    }
+
+    /// Books a finished lane: its entries become known to this pass, and are acknowledged,
+    /// failed or kept like the pass's own.
+    fn take_lane(
+        &mut self,
+        run: anyhow::Result<LaneRun>,
+        known: &mut HashSet<EntryId>,
+    ) -> anyhow::Result<Settled> {
+        let run = run?;
+        known.extend(run.loaded.good.iter().map(|e| e.id.clone()));
+        known.extend(run.loaded.invalid.iter().map(|(e, _)| e.id.clone()));
+        let entries = self.take_loaded(run.loaded)?;
+        let settled = match run.upload {
+            None => Settled::default(),
+            Some(Err(e)) => {
+                // Tried again by the next pass, which decides about the cache.
+                let msg = e.to_string();
+                self.record_error(&msg);
+                Settled {
+                    transient: true,
+                    failure: Some(msg),
+                }
+            }
+            Some(Ok((plan, report))) => self.settle(&entries, &plan, &report)?,
+        };
+        self.write_state();
+        Ok(settled)
+    }
+
+    /// Logs what reading the queue found (roots, adoption), fails the entries whose paths are
+    /// gone from the store, and returns the rest, to upload.
+    fn take_loaded(&mut self, loaded: Loaded) -> anyhow::Result<Vec<Entry>> {
+        self.rooted.extend(loaded.rooted);
+        match loaded.rooting {
+            Ok(()) => self.resolved("roots", "GC roots can be written again"),
+            Err(msg) => {
+                // Tried again next pass; said once.
+                if self.problem(
+                    "roots",
+                    &format!("{msg}; queued paths may not be protected from garbage collection"),
+                ) {
+                    self.record_error(&msg);
+                }
+            }
+        }
+        match loaded.adopted {
+            Some(Ok(())) => {
+                self.resolved("adopt", "orphaned GC roots are queued again");
+                self.next_adoption = Some(Instant::now() + ADOPT_EVERY);
+            }
+            Some(Err(msg)) => {
+                // Tried again next pass.
+                self.record_error(&msg);
+                self.problem(
+                    "adopt",
+                    &format!("cannot queue paths that have a GC root but no entry: {msg}"),
+                );
+            }
+            None => {}
+        }
+        for (entry, path) in loaded.invalid {
+            let reason = format!(
+                "{}: no longer valid in the store (garbage-collected or deleted before upload)",
+                path.to_absolute()
+            );
+            tracing::warn!("{reason}");
+            self.record_error(&reason);
+            self.queue.fail(&entry.id, &reason)?;
+            self.release(&entry.paths);
+        }
+        Ok(loaded.good)
+    }
+
+    /// Acknowledges the entries whose closures are in the cache now, fails those with a
+    /// permanently failing path, keeps the rest, and counts the report.
+    fn settle(
+        &mut self,
+        entries: &[Entry],
+        plan: &Plan,
+        report: &Report,
+    ) -> anyhow::Result<Settled> {
+        crate::metrics::global().record_report(report);
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
         self.state.left_upstream += report.left_upstream as u64;
@@ -358,7 +423,7 @@ impl Drainer {
         let index: HashMap<&StorePath, &crate::store::PathInfo> =
             plan.paths.iter().map(|i| (&i.path, i)).collect();
         let mut transient = false;
-        for entry in &entries {
+        for entry in entries {
             let mut permanent: Option<String> = None;
             let mut pending = false;
             for p in &entry.paths {
@@ -386,20 +451,14 @@ impl Drainer {
                 self.release(&entry.paths);
             }
         }
-        // Back to normal only when a whole pass went through: a cache that answers the
-        // planning queries but fails uploads, or a full spool disk, is still "down".
-        match report.failed.iter().find(|f| !f.kind.is_permanent()) {
-            Some(f) => {
-                self.record_error(&f.message);
-                if !cancel.is_cancelled() {
-                    self.cache_down(&f.message);
-                }
-            }
-            None if !cancel.is_cancelled() => self.cache_up(),
-            None => {}
-        }
-        self.write_state();
-        Ok(transient && !cancel.is_cancelled())
+        Ok(Settled {
+            transient,
+            failure: report
+                .failed
+                .iter()
+                .find(|f| !f.kind.is_permanent())
+                .map(|f| f.message.clone()),
+        })
     }
 
     fn release(&self, paths: &[StorePath]) {
@@ -486,7 +545,7 @@ impl Drainer {
                 }
             };
             let wait = tokio::select! {
-                r = self.drain_once(&inner) => match r {
+                r = self.drain_once(&inner, &mut wake) => match r {
                     Ok(wait) => {
                         self.resolved("drain", "draining normally again");
                         wait
@@ -527,7 +586,7 @@ impl Drainer {
 
 /// An error and its causes on one line, leaving out a cause whose text the message already
 /// includes (many errors here name their source in their own message).
-fn error_chain(e: &anyhow::Error) -> String {
+pub(super) fn error_chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

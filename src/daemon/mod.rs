@@ -35,6 +35,8 @@
 //! once, which loses nothing either, since the queue is on disk.
 
 mod drainer;
+mod entries;
+mod lane;
 mod lock;
 mod roots;
 

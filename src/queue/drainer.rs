@@ -106,9 +106,18 @@ impl Queue {
     /// Every entry, oldest first. Corrupt files are moved to `corrupt/` and reported in
     /// place; entries that vanish during the listing (acknowledged meanwhile) are left out.
     pub fn list(&self) -> Result<Vec<EntryOrCorrupt>, QueueError> {
+        self.list_except(&HashSet::new())
+    }
+
+    /// [`Queue::list`] without the entries in `known`, which are not even opened: what
+    /// arrived since a listing, for the price of reading the directory.
+    pub fn list_except(&self, known: &HashSet<EntryId>) -> Result<Vec<EntryOrCorrupt>, QueueError> {
         let failed = self.failed_names();
         let mut out = Vec::new();
         for name in self.names()? {
+            if known.contains(&EntryId(name.clone())) {
+                continue;
+            }
             if EntryId::parse(&name).is_err() {
                 out.push(self.quarantine(&name, Corruption::BadName));
                 continue;
