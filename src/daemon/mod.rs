@@ -10,7 +10,9 @@
 //! - reads every queued entry (after adopting orphaned GC roots, see below), drops paths
 //!   that are no longer valid in the store (such an entry moves to the failed list with its
 //!   reason), and pushes the union of the rest, with their closures, through the one
-//!   pipeline (which skips what the cache has);
+//!   pipeline (which skips what the cache has); entries queued while that pass uploads go
+//!   out in lanes beside it (see the `lane` module), so a new build never waits for a
+//!   backlog;
 //! - acknowledges an entry (deletes it, releases its GC roots) only when every one of its
 //!   paths is in the cache; an entry with a permanently failing path (NarHash mismatch) moves
 //!   to the failed list; anything transient stays queued;
