@@ -254,6 +254,26 @@ fn entries_round_trip_with_private_permissions() {
 }
 
 #[test]
+fn list_except_reads_only_what_is_not_known_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let queue = Queue::open(tmp.path()).unwrap();
+    let a = queue.enqueue(&[sp(1, "a")], None).unwrap();
+    let b = queue.enqueue(&[sp(2, "b")], None).unwrap();
+    let known: std::collections::HashSet<_> = [a.clone(), b.clone()].into();
+    assert!(queue.list_except(&known).unwrap().is_empty());
+    let c = queue.enqueue(&[sp(3, "c")], None).unwrap();
+    // A known entry is not even opened: garbage written over it goes unnoticed here.
+    fs::write(queue.queue_dir().join(a.as_str()), b"garbage").unwrap();
+    let fresh = valid(queue.list_except(&known).unwrap());
+    assert_eq!(fresh.iter().map(|e| &e.id).collect::<Vec<_>>(), [&c]);
+    assert_eq!(fresh[0].paths, [sp(3, "c")]);
+    // The full listing still sees it, and sets it aside.
+    let all = queue.list().unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(matches!(&all[0], EntryOrCorrupt::Corrupt { .. }), "{all:?}");
+}
+
+#[test]
 fn corrupt_files_are_quarantined_by_name_and_valid_ones_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let queue = Queue::open(tmp.path()).unwrap();

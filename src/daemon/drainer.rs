@@ -266,33 +266,46 @@ impl Drainer {
         let mut known: HashSet<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
         let mut lane: Option<Lane> = None;
         let mut lanes = Settled::default();
+        // A lane that failed on its own (the queue or the store unreadable) is reported
+        // once the pass is booked: ending the pass for it would drop the uploads under way.
+        let mut lane_error: Option<anyhow::Error> = None;
         // watch-exec's last drain has nobody left to queue anything: its channel is closed.
         let mut listening = true;
         let report = loop {
+            let more = lane.is_none() && lane_error.is_none() && !cancel.is_cancelled();
             tokio::select! {
                 report = &mut execute => break report,
                 run = async { lane.as_mut().expect("guarded by is_some").await }, if lane.is_some() => {
                     lane = None;
-                    lanes.add(self.take_lane(run, &mut known)?);
+                    match self.take_lane(run, &mut known) {
+                        Ok(settled) => lanes.add(settled),
+                        Err(e) => lane_error = Some(e),
+                    }
                 }
-                woke = wake.recv(), if listening && lane.is_none() && !cancel.is_cancelled() => {
+                woke = wake.recv(), if more && listening => {
                     if woke.is_some() {
                         lane = Some(self.lane(&known, cancel));
                     } else {
                         listening = false;
                     }
                 }
-                _ = tokio::time::sleep(POLL), if lane.is_none() && !cancel.is_cancelled() => {
+                _ = tokio::time::sleep(POLL), if more => {
                     lane = Some(self.lane(&known, cancel));
                 }
             }
         };
         if let Some(run) = lane.take() {
-            let run = run.await;
-            lanes.add(self.take_lane(run, &mut known)?);
+            match self.take_lane(run.await, &mut known) {
+                Ok(settled) => lanes.add(settled),
+                Err(e) => lane_error = Some(e),
+            }
         }
         let mut settled = self.settle(&entries, &plan, &report)?;
         settled.add(lanes);
+        if let Some(e) = lane_error {
+            self.write_state();
+            return Err(e);
+        }
 
         // Back to normal only when a whole pass went through: a cache that answers the
         // planning queries but fails uploads, or a full spool disk, is still "down".
