@@ -348,7 +348,8 @@ impl Drainer {
         let settled = match run.upload {
             None => Settled::default(),
             Some(Err(e)) => {
-                // Tried again by the next pass, which decides about the cache.
+                // Its entries stay queued for the next pass; this pass counts the failure
+                // as its own when it decides whether the cache is down.
                 let msg = e.to_string();
                 self.record_error(&msg);
                 Settled {
