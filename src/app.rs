@@ -13,12 +13,12 @@ use crate::store::Store;
 use crate::target::{self, NarFormat};
 
 /// The signing key the configuration names, or the embedded default (created on first use,
-/// announced on stderr). Attic signs on the server, so there a key is optional.
-pub fn signing_key(cfg: &Config, format: NarFormat) -> anyhow::Result<Option<SigningKey>> {
+/// announced on stderr). A cache that signs itself (Attic) needs none.
+pub fn signing_key(cfg: &Config, cache_signs_itself: bool) -> anyhow::Result<Option<SigningKey>> {
     if let Some(p) = &cfg.key_file {
         return Ok(Some(crate::keys::load_signing_key(p)?));
     }
-    if format == NarFormat::Raw {
+    if cache_signs_itself {
         return Ok(None);
     }
     let (key, created) = crate::keys::default_key(&cfg.state_dir)?;
@@ -44,7 +44,7 @@ pub fn pipeline_spooling_in(
     spool_dir: PathBuf,
 ) -> anyhow::Result<Pipeline> {
     let target = target::from_config(cfg).map_err(crate::error::from_target)?;
-    let key = signing_key(cfg, target.nar_format())?;
+    let key = signing_key(cfg, target.signs_itself())?;
     if matches!(target.nar_format(), NarFormat::Zstd { .. }) && target.spool_dir().is_none() {
         check_spool_dir(&spool_dir)?;
     }
@@ -106,6 +106,3 @@ pub fn resolve_store_path(arg: &Path) -> anyhow::Result<StorePath> {
     Ok(StorePath::from_base(&first)?)
 }
 
-pub fn state_dir_file(cfg: &Config, name: &str) -> PathBuf {
-    cfg.state_dir.join(name)
-}

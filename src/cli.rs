@@ -145,6 +145,15 @@ pub enum Command {
     /// and start the systemd unit; then print the lines the machines that fetch need.
     Setup(crate::setup::SetupArgs),
 
+    /// Queue again the entries given up on (their paths' contents did not match the
+    /// store's NarHash, or the paths were gone), all of them or those holding PATH, once
+    /// the store is repaired.
+    Retry {
+        /// Store paths (or symlinks to them) whose entries to queue again; default: all.
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+
     /// Show the cache, the key, the queue and the daemon's state.
     Status {
         /// Print JSON instead of text.

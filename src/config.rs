@@ -36,6 +36,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/narpost";
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/narpost/narpost.toml";
 pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/narpost";
 
+
+/// Timeouts above this (ten years) mean "never" and are taken as this: a deadline must stay
+/// a point in time the clock can hold, and `u64::MAX` seconds is the natural way to write
+/// "never" in a config file.
+pub const NEVER_SECS: u64 = 10 * 365 * 24 * 3600;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read config file: {source}")]
@@ -167,7 +172,8 @@ impl Config {
                     reason: "expected a whole number of seconds above 0".into(),
                 })?,
             None => file.http_timeout.unwrap_or(60).max(1),
-        };
+        }
+        .min(NEVER_SECS);
         let token_file = flags
             .token_file
             .or_else(|| env("NARPOST_TOKEN_FILE").map(PathBuf::from))
@@ -254,7 +260,11 @@ impl Config {
                 .or(file.basic_auth_file),
             gc_roots_dir: resolve_gc_roots_dir(file.gc_roots_dir, &state_dir),
             drain_timeout: Duration::from_secs(
-                flags.drain_timeout.or(file.drain_timeout).unwrap_or(30),
+                flags
+                    .drain_timeout
+                    .or(file.drain_timeout)
+                    .unwrap_or(30)
+                    .min(NEVER_SECS),
             ),
             http_timeout: Duration::from_secs(http_timeout),
             state_dir,

@@ -60,6 +60,9 @@ pub enum DumpError {
     Unsupported { path: PathBuf, kind: &'static str },
 }
 
+/// The action of a [`DumpError::Io`] that failed writing the NAR out, not reading the path.
+pub const WRITE_NAR: &str = "write NAR";
+
 /// Writes the NAR of `path` to `out` and returns `out` (flushed of narpost's buffer; its
 /// own buffers are the caller's).
 pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
@@ -67,7 +70,7 @@ pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
     dump_into(path, &mut buffered)?;
     buffered.into_inner().map_err(|e| DumpError::Io {
         path: path.to_owned(),
-        action: "write NAR",
+        action: WRITE_NAR,
         source: e.into_error(),
     })
 }

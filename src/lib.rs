@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`text`]: text from elsewhere (a server's message, a file name) made safe to print.
 //! - [`format`]: pure Nix formats (nixbase32, store paths, hashes, NAR writer, narinfo,
 //!   signing keys, `.drv` outputs); no filesystem, network or async.
 //! - [`buildlog`]: where Nix keeps build logs on this machine, and reading one for a cache.
@@ -48,4 +49,5 @@ pub mod setup;
 pub mod status;
 pub mod store;
 pub mod target;
+pub mod text;
 pub mod watch;

@@ -157,6 +157,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             narpost::setup::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Retry { paths } => {
+            let cfg = load(Overrides::default())?;
+            let only = paths
+                .iter()
+                .map(|p| narpost::app::resolve_store_path(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let requeued = narpost::queue::retry_failed(&cfg.state_dir, &cfg.gc_roots_dir, &only)?;
+            eprintln!(
+                "narpost: {} queued again",
+                narpost::progress::count(requeued as u64, "entry", "entries")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let cfg = load(Overrides::default())?;
             narpost::status::print(&cfg, json)?;

@@ -34,6 +34,7 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
 /// The smallest read buffer hyper allows; a request's head must fit.
 const MAX_REQUEST_BYTES: usize = 8192;
+/// Connections served at once; a new one past this many closes the oldest.
 const MAX_CONNECTIONS: usize = 8;
 
 type Labels = Vec<(String, String)>;
@@ -186,12 +187,14 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("metrics-listen = {addr}: cannot listen"))?;
     tracing::info!("serving metrics at http://{addr}/metrics");
     let cfg = Arc::new(cfg.clone());
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        // Every connection is accepted at once: a scrape must get through even while
+        // clients that never finish their request hold every place. At the bound, the
+        // oldest connection goes; a real scrape is over in milliseconds, so the oldest is
+        // one that stalls.
+        let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
+            std::collections::VecDeque::new();
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -200,8 +203,14 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
                     continue;
                 }
             };
+            open.retain(|c| !c.is_finished());
+            while open.len() >= MAX_CONNECTIONS {
+                if let Some(oldest) = open.pop_front() {
+                    oldest.abort();
+                }
+            }
             let cfg = cfg.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let cfg = cfg.clone();
                     async move { Ok::<_, std::convert::Infallible>(respond(req, cfg).await) }
@@ -213,8 +222,8 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
                     .keep_alive(false)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
-                drop(permit);
             });
+            open.push_back(task.abort_handle());
         }
     });
     Ok(())

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::daemon::{DrainLock, DrainState, STATE_FILE};
 use crate::progress::count;
 use crate::queue::Queue;
+use crate::text::printable;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -32,6 +33,8 @@ pub struct Status {
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
     pub cache_down_since: Option<u64>,
+    /// What the cache or this machine needs someone to do before queued paths can go.
+    pub needs_attention: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +115,10 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
             .as_ref()
             .filter(|_| running)
             .and_then(|s| s.cache_down_since),
+        needs_attention: state
+            .as_ref()
+            .filter(|_| running)
+            .and_then(|s| s.needs_attention.clone()),
     })
 }
 
@@ -157,6 +164,9 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     if let Some(since) = s.cache_down_since {
         println!("cache down:   for {}", ago(since));
     }
+    if let Some(a) = &s.needs_attention {
+        println!("attention:    queued paths wait for a fix: {}", printable(a));
+    }
     if let Some(e) = &s.last_error {
         match s.last_error_at {
             Some(at) => println!("last error:   {} ago: {}", ago(at), printable(e)),
@@ -164,7 +174,10 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     if !s.failed.is_empty() {
-        println!("failed:       {}", s.failed.len());
+        println!(
+            "failed:       {} given up on (`narpost retry` queues them again)",
+            s.failed.len()
+        );
         for f in &s.failed {
             println!(
                 "  {} ago: {}: {}",
@@ -183,24 +196,6 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `text` with control characters (terminal escapes, line breaks) and invisible or
-/// direction-changing format characters written as `\u{..}` escapes. What is printed here
-/// comes partly from elsewhere: names of files someone left in the queue, a cache server's
-/// error message; none of it may drive the terminal or fake a line of the report. (The JSON
-/// output needs nothing of this: JSON escapes control characters itself.)
-fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let invisible = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
-        if c.is_control() || invisible {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// How long ago a unix time was, as `<n>s`.
 fn ago(unix_secs: u64) -> String {
     let now = std::time::SystemTime::now()
@@ -208,16 +203,4 @@ fn ago(unix_secs: u64) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     format!("{}s", now.saturating_sub(unix_secs))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn printable_escapes_what_could_drive_a_terminal() {
-        assert_eq!(printable("plain ü name"), "plain ü name");
-        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
-        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
-    }
 }

@@ -249,6 +249,12 @@ fn store_events(
                 if ev.need_rescan() {
                     let _ = tx.send(None);
                 }
+                // Reading the store (narpost's own NAR serialization among others) reports
+                // an open per path; only writes can make a path new.
+                use notify::event::{AccessKind, AccessMode, EventKind};
+                if matches!(ev.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write)) {
+                    return;
+                }
                 for p in ev.paths {
                     if let Some(name) = p.file_name() {
                         let _ = tx.send(Some(name.to_string_lossy().into_owned()));
@@ -346,8 +352,8 @@ async fn find_loop(finder: Arc<Mutex<Finder>>, stop: CancellationToken) -> anyho
 async fn setup(
     cfg: &Config,
     opts: WatchOptions,
+    lock: DrainLock,
 ) -> anyhow::Result<(DrainLock, Drainer, Arc<Mutex<Finder>>)> {
-    let lock = DrainLock::acquire(&cfg.state_dir).await?;
     let drainer = Drainer::new(cfg)?;
     let store = Arc::new(Store::open_default()?);
     let queue = drainer.queue().clone();
@@ -533,7 +539,8 @@ fn failed_count(queue: &Queue) -> usize {
 
 pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
-    let (_lock, mut drainer, finder) = setup(&cfg, opts).await?;
+    let lock = DrainLock::acquire(&cfg.state_dir).await?;
+    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock).await?;
     let failed_before = failed_count(drainer.queue());
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
@@ -586,6 +593,73 @@ pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `watch-exec` on a machine whose daemon already drains this state directory (one wired
+/// by `narpost setup`, a CI job run as root): the command runs as always, what it builds
+/// is queued as always, and the daemon uploads it, with its own settings and deadline,
+/// rather than this process refusing to run the command.
+async fn beside_daemon(
+    cfg: &Config,
+    opts: WatchOptions,
+    program: &str,
+    args: &[String],
+    mut signals: Signals,
+) -> anyhow::Result<u8> {
+    let queue = Arc::new(Queue::open(&cfg.state_dir).context("the command was not run")?);
+    let roots = Arc::new(GcRoots::new(cfg.gc_roots_dir.clone()));
+    roots.check().context("the command was not run")?;
+    let store = Arc::new(Store::open_default().context("the command was not run")?);
+    let finder = {
+        let queue = queue.clone();
+        tokio::task::spawn_blocking(move || Finder::new(store, queue, roots, opts))
+            .await
+            .context("watcher start-up failed")??
+    };
+    eprintln!(
+        "narpost: a narpost daemon already drains {}; what this command builds is queued for it to upload",
+        queue.queue_dir().display()
+    );
+    let find_stop = CancellationToken::new();
+    let finding = tokio::spawn(find_loop(Arc::new(Mutex::new(finder)), find_stop.clone()));
+    let mut child = match crate::priority::spawn_command(program, args).await {
+        Ok(c) => c,
+        Err(e) => {
+            find_stop.cancel();
+            let _ = finding.await;
+            eprintln!("narpost: {program}: cannot run command: {e}");
+            return Ok(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s,
+            sig = signals.recv() => child.signal(sig).await,
+        }
+    };
+    // The last scan queues what the command registered up to its exit.
+    find_stop.cancel();
+    match finding.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("narpost: {e:#}"),
+        Err(e) => eprintln!("narpost: the store watcher failed: {e}"),
+    }
+    let code = match status {
+        Ok(s) => exit_code(s),
+        Err(e) => {
+            eprintln!("narpost: {program}: cannot wait for command: {e}");
+            1
+        }
+    };
+    eprintln!(
+        "narpost: {} queued for the daemon",
+        count(queue.depth().unwrap_or(0) as u64, "entry", "entries")
+    );
+    Ok(code)
+}
+
 fn exit_code(status: std::process::ExitStatus) -> u8 {
     use std::os::unix::process::ExitStatusExt;
     match status.code() {
@@ -606,7 +680,13 @@ pub async fn watch_exec(
         .split_first()
         .context("watch-exec needs a command after --")?;
     let mut signals = Signals::new()?;
-    let (_lock, mut drainer, finder) = setup(&cfg, opts)
+    let Some(lock) = DrainLock::try_acquire(&cfg.state_dir)
+        .await
+        .context("cannot watch the store; the command was not run")?
+    else {
+        return beside_daemon(&cfg, opts, program, args, signals).await;
+    };
+    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock)
         .await
         .context("cannot watch the store; the command was not run")?;
     let failed_before = failed_count(drainer.queue());

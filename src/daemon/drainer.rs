@@ -86,7 +86,7 @@ impl Drainer {
         // Roots planted there would be adopted and uploaded: refuse a directory others control.
         roots.check()?;
         // The pipeline loaded (or generated) the key already; this only reads it again.
-        let public_key = crate::app::signing_key(cfg, pipeline.target().nar_format())
+        let public_key = crate::app::signing_key(cfg, pipeline.target().signs_itself())
             .ok()
             .flatten()
             .map(|k| k.public().to_nix_string());
@@ -186,7 +186,8 @@ impl Drainer {
     }
 
     fn record_error(&mut self, message: &str) {
-        self.state.last_error = Some(message.to_string());
+        // What a cache answered may hold terminal escapes; `status` prints this.
+        self.state.last_error = Some(crate::text::printable(message));
         self.state.last_error_at = Some(now());
     }
 
@@ -250,9 +251,10 @@ impl Drainer {
                     self.cache_down(&msg);
                     return Ok(true);
                 }
-                if let PipelineError::Target(_) = e {
+                if let PipelineError::Target(t) = &e {
                     // Credentials or a refusing cache: keep everything queued and keep trying
                     // slowly; the user sees the error in the log and in `status`.
+                    self.state.needs_attention = Some(with_hint(&msg, t.hint.as_deref()));
                     self.cache_down(&msg);
                     return Ok(true);
                 }
@@ -309,6 +311,9 @@ impl Drainer {
 
         // Back to normal only when a whole pass went through: a cache that answers the
         // planning queries but fails uploads, or a full spool disk, is still "down".
+        if settled.attention.is_some() || settled.failure.is_none() {
+            self.state.needs_attention = settled.attention;
+        }
         match settled.failure {
             Some(msg) => {
                 self.record_error(&msg);
@@ -355,6 +360,7 @@ impl Drainer {
                 Settled {
                     transient: true,
                     failure: Some(msg),
+                    attention: None,
                 }
             }
             Some(Ok((plan, report))) => self.settle(&entries, &plan, &report)?,
@@ -472,6 +478,11 @@ impl Drainer {
                 .iter()
                 .find(|f| !f.kind.is_permanent())
                 .map(|f| f.message.clone()),
+            attention: report
+                .failed
+                .iter()
+                .find(|f| f.kind.needs_attention())
+                .map(|f| with_hint(&f.message, f.hint.as_deref())),
         })
     }
 
@@ -517,6 +528,7 @@ impl Drainer {
             tracing::info!("uploads to {} work again", self.state.cache);
             self.down = false;
             self.state.cache_down_since = None;
+            self.state.needs_attention = None;
             self.backoff = Duration::from_secs(1);
             self.write_state();
         }
@@ -543,6 +555,8 @@ impl Drainer {
         grace: Duration,
     ) -> anyhow::Result<Totals> {
         self.write_state();
+        // Whether wake-ups can still come (watch-exec's last drain has nobody to send any).
+        let mut listening = true;
         loop {
             if stop.is_cancelled() {
                 break;
@@ -578,14 +592,19 @@ impl Drainer {
                 break;
             }
             let delay = if wait { self.jittered_backoff() } else { POLL };
-            let waited = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(delay) => true,
-                w = wake.recv(), if !wait => w.is_some(),
-            };
-            let _ = waited;
+                _ = tokio::time::sleep(delay) => {}
+                w = wake.recv(), if !wait && listening => {
+                    // A closed channel answers at once, every time: without this the loop
+                    // would never sleep again.
+                    if w.is_none() {
+                        listening = false;
+                    }
+                }
+            }
             // Coalesce a burst of wake-ups into one pass.
-            while wake.try_recv().is_ok() {}
+            while listening && wake.try_recv().is_ok() {}
         }
         self.write_state();
         Ok(Totals {
@@ -612,6 +631,14 @@ pub(super) fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     out.replace('\n', " ")
+}
+
+/// `message`, and what to do about it when there is something.
+fn with_hint(message: &str, hint: Option<&str>) -> String {
+    match hint {
+        Some(h) => format!("{message} ({h})"),
+        None => message.to_owned(),
+    }
 }
 
 /// Removes the files in `dir`, best effort: one that stays is tried again next start.

@@ -73,8 +73,11 @@ pub(super) async fn run(
 pub(super) struct Settled {
     /// Some entry stays queued for a transient failure or a shutdown.
     pub transient: bool,
-    /// The first transient failure, which says the cache is down.
+    /// The first failure that kept an entry queued, which says the cache is down.
     pub failure: Option<String>,
+    /// The first failure that waits for a person (a refusing cache, credentials, an
+    /// unreadable path), with its hint: `status` shows it until a pass goes through.
+    pub attention: Option<String>,
 }
 
 impl Settled {
@@ -82,6 +85,9 @@ impl Settled {
         self.transient |= other.transient;
         if self.failure.is_none() {
             self.failure = other.failure;
+        }
+        if self.attention.is_none() {
+            self.attention = other.attention;
         }
     }
 }

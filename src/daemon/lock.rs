@@ -22,6 +22,17 @@ impl DrainLock {
     /// Creates the state directory if needed and refuses one someone else could write to
     /// (see [`crate::private_dir`]), before anything is written there.
     pub async fn acquire(state_dir: &Path) -> anyhow::Result<DrainLock> {
+        match DrainLock::try_acquire(state_dir).await? {
+            Some(lock) => Ok(lock),
+            None => anyhow::bail!(
+                "{}: another narpost daemon or watcher is already draining this queue\nhint: stop it, or give this one its own --state-dir",
+                state_dir.display()
+            ),
+        }
+    }
+
+    /// [`DrainLock::acquire`], answering `None` when another process holds the lock.
+    pub async fn try_acquire(state_dir: &Path) -> anyhow::Result<Option<DrainLock>> {
         let dir = PrivateDir::open(state_dir)?;
         let file = dir
             .open_or_create(LOCK_FILE)
@@ -42,13 +53,7 @@ impl DrainLock {
                 Err(_) => break false,
             }
         };
-        if !locked {
-            anyhow::bail!(
-                "{}: another narpost daemon or watcher is already draining this queue\nhint: stop it, or give this one its own --state-dir",
-                state_dir.display()
-            );
-        }
-        Ok(DrainLock { _file: file })
+        Ok(locked.then_some(DrainLock { _file: file }))
     }
 
     /// Whether some process holds the lock now (for `status`).

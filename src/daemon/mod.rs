@@ -78,6 +78,10 @@ pub struct DrainState {
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
     pub cache_down_since: Option<u64>,
+    /// Why the cache (or this machine) needs someone to act before queued paths can go:
+    /// a refusal such as a 413 or a 404, credentials, an unreadable path; with its hint.
+    #[serde(default)]
+    pub needs_attention: Option<String>,
 }
 
 pub const STATE_FILE: &str = "drain-state.json";
@@ -94,18 +98,36 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends a wake-up whenever something changes in `dir` (new queue entries).
+/// Sends a wake-up whenever an entry may have arrived in `dir`.
+///
+/// Only arrivals count: inotify also reports every open and read of the directory, and the
+/// drainer itself opens it on each pass (listing it, syncing it after an acknowledgement),
+/// so waking on those would make each pass start the next one and an idle daemon spin.
 pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     use notify::Watcher;
     let (tx, rx) = mpsc::channel(1);
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = tx.try_send(());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.as_ref().map_or(true, is_arrival) {
+            let _ = tx.try_send(());
+        }
     })
     .context("cannot start inotify watcher")?;
     watcher
         .watch(dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("{}: cannot watch directory", dir.display()))?;
     Ok((watcher, rx))
+}
+
+/// Whether an inotify event can mean a new entry: entries are renamed into the queue
+/// directory (a hook on another kernel's filesystem may show up as a plain create); a
+/// queue overflow asks for a rescan.
+fn is_arrival(event: &notify::Event) -> bool {
+    use notify::event::{EventKind, ModifyKind};
+    match event.kind {
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)) => true,
+        EventKind::Access(_) | EventKind::Remove(_) | EventKind::Modify(_) => false,
+        EventKind::Any | EventKind::Other => event.need_rescan() || event.paths.is_empty(),
+    }
 }
 
 /// Names what stays queued (a few paths; `narpost status` shows the rest).

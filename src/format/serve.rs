@@ -45,6 +45,12 @@ pub enum ServeError {
         "the remote speaks serve protocol {major}.{minor}; pushing needs 2.5 (Nix 2.1) or later"
     )]
     TooOld { major: u64, minor: u64 },
+    /// A later major version than narpost speaks (a future Nix): it may change any
+    /// message, so narpost does not guess.
+    #[error(
+        "the remote speaks serve protocol {major}.{minor}, a newer major version than the 2.x narpost speaks"
+    )]
+    TooNew { major: u64, minor: u64 },
     #[error("expected {expected}, the remote answered {found}")]
     Unexpected { expected: &'static str, found: u64 },
     #[error(transparent)]
@@ -143,11 +149,12 @@ pub fn read_hello<R: Read>(r: &mut R) -> Result<u64, ServeError> {
         ));
     }
     let version = read_u64(r)?;
-    if version < MIN_SERVER_VERSION || version >> 8 != 2 {
-        return Err(ServeError::TooOld {
-            major: version >> 8,
-            minor: version & 0xff,
-        });
+    let (major, minor) = (version >> 8, version & 0xff);
+    if major > 2 {
+        return Err(ServeError::TooNew { major, minor });
+    }
+    if version < MIN_SERVER_VERSION {
+        return Err(ServeError::TooOld { major, minor });
     }
     Ok(version)
 }
@@ -278,6 +285,11 @@ mod tests {
             read_hello(&mut old.as_slice()),
             Err(ServeError::TooOld { major: 2, minor: 4 })
         ));
+        let mut newer = SERVER_MAGIC.to_le_bytes().to_vec();
+        newer.extend_from_slice(&0x301u64.to_le_bytes());
+        let err = read_hello(&mut newer.as_slice()).unwrap_err();
+        assert!(matches!(err, ServeError::TooNew { major: 3, minor: 1 }));
+        assert!(err.to_string().contains("3.1, a newer major"), "{err}");
     }
 
     #[test]

@@ -177,11 +177,20 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// A failure that will not go away by trying again later.
+    /// A failure that queuing the path again cannot cure, and that a user would agree to
+    /// give up on: the path's contents on disk are not what the store recorded. Everything
+    /// else, a cache that refuses (a 413, a wrong URL, bad credentials) or a store path that
+    /// cannot be read right now, is something a person fixes; the path stays queued until
+    /// they have. (A path gone from the store is given up on before the pipeline sees it.)
     pub fn is_permanent(self) -> bool {
+        matches!(self, FailureKind::Corrupt)
+    }
+
+    /// Whether the cache or this machine needs someone to act, rather than time to pass.
+    pub fn needs_attention(self) -> bool {
         matches!(
             self,
-            FailureKind::Corrupt | FailureKind::Unreadable | FailureKind::Permanent
+            FailureKind::Auth | FailureKind::Permanent | FailureKind::Unreadable
         )
     }
 }

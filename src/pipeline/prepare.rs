@@ -7,7 +7,8 @@ use std::path::Path;
 
 use super::{FailureKind, PathFailure, Pipeline};
 use crate::compress::FramedZstd;
-use crate::dump::{self, NarSource};
+use crate::dump::{self, DumpError, NarSource};
+use crate::format::nar::NarError;
 use crate::format::hash::HashingWriter;
 use crate::store::PathInfo;
 use crate::target::{NarBody, NarFormat, PreparedNar, SpooledNar};
@@ -80,14 +81,25 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
     let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
     let encoder = FramedZstd::new(compressed, level, info.nar_size).map_err(spool_err)?;
     let nar = HashingWriter::new(encoder);
-    let nar = dump::dump_path(Path::new(&abs), nar).map_err(|e| {
-        fail(
+    let nar = dump::dump_path(Path::new(&abs), nar).map_err(|e| match e {
+        // Writing is the spool's side (a full disk, a quota, a failing disk), never the
+        // path's: the same path goes through once there is room.
+        DumpError::Nar {
+            source: NarError::Io(e),
+            ..
+        }
+        | DumpError::Io {
+            action: dump::WRITE_NAR,
+            source: e,
+            ..
+        } => spool_err(e),
+        e => fail(
             FailureKind::Unreadable,
             format!("{abs}: cannot serialize: {e}"),
             Some(format!(
                 "check the path with `nix-store --verify-path {abs}`"
             )),
-        )
+        ),
     })?;
     let (encoder, nar_hash, nar_size) = nar.finish();
     if nar_hash != info.nar_hash || nar_size != info.nar_size {

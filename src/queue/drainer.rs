@@ -271,6 +271,23 @@ impl Queue {
         self.ack(id)
     }
 
+    /// Puts an entry given up on back in the queue (as a new entry with the same paths
+    /// and derivation), then removes its failure record: a crash between the two leaves
+    /// the paths queued and still listed as failed, never neither. Returns the new entry.
+    pub fn requeue(&self, failed: &FailedEntry) -> Result<EntryId, QueueError> {
+        let id = self
+            .producer
+            .enqueue(&failed.paths, failed.drv.as_deref())?;
+        let name = format!("{}.json", failed.id.as_str());
+        let path = self.failed.path().join(&name);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(self.failed.path())?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(QueueError::Remove { path, source }),
+        }
+        Ok(id)
+    }
+
     fn failed_names(&self) -> HashSet<String> {
         let Ok(dir) = fs::read_dir(self.failed.path()) else {
             return HashSet::new();

@@ -193,6 +193,40 @@ pub enum QueueError {
     FailCorrupt { id: EntryId, reason: Corruption },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Roots(#[from] GcRootError),
+}
+
+/// `narpost retry`: queues again the failed entries holding any of `only` (all when empty),
+/// each path rooted first, as the hook does, so the collector cannot take it before the
+/// drainer sees the entry. Returns how many entries were queued again.
+pub fn retry_failed(
+    state_dir: &Path,
+    roots_dir: &Path,
+    only: &[StorePath],
+) -> Result<usize, RetryError> {
+    let queue = Queue::open(state_dir)?;
+    let roots = GcRoots::new(roots_dir);
+    roots.check()?;
+    let mut count = 0;
+    for failed in queue.failed()? {
+        let wanted = only.is_empty() || failed.paths.iter().any(|p| only.contains(p));
+        // A record that could not be read has no paths to queue; status keeps showing it.
+        if !wanted || failed.paths.is_empty() {
+            continue;
+        }
+        roots.protect_all(&failed.paths)?;
+        roots.sync()?;
+        queue.requeue(&failed)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 /// Name of an entry file; ordering is enqueue order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId(pub(super) String);

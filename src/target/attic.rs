@@ -240,7 +240,7 @@ impl AtticTarget {
             .map(|a| String::from_utf8_lossy(&a.body).into_owned())
             .unwrap_or_default();
         let (name, message) = match serde_json::from_str::<ApiError>(&body) {
-            Ok(api) => (api.error, api.message),
+            Ok(api) => (first_line(&api.error), first_line(&api.message)),
             Err(_) => (String::new(), first_line(&body)),
         };
         let server = self.server_name();
@@ -378,6 +378,10 @@ impl AtticTarget {
 impl Target for AtticTarget {
     fn url(&self) -> String {
         self.url.clone()
+    }
+
+    fn signs_itself(&self) -> bool {
+        true
     }
 
     fn nar_format(&self) -> NarFormat {
@@ -660,9 +664,11 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// The first line of a server's message, shortened, with anything that could drive a
+/// terminal escaped: it ends up on the user's terminal, in the log and in `status`.
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or("").trim();
-    line.chars().take(200).collect()
+    crate::text::printable(&line.chars().take(200).collect::<String>())
 }
 
 #[cfg(test)]

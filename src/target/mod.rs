@@ -148,6 +148,13 @@ pub trait Target: Send + Sync {
 
     fn nar_format(&self) -> NarFormat;
 
+    /// Whether the cache signs what it serves with a key of its own (Attic), so that a
+    /// narpost key is optional: without one configured, no default key is made for it.
+    /// Every other cache serves exactly the signatures narpost puts on a path.
+    fn signs_itself(&self) -> bool {
+        false
+    }
+
     /// Where compressed NARs should be spooled so that storing one is a rename on the same
     /// filesystem. `None`: the pipeline's own spool directory.
     fn spool_dir(&self) -> Option<PathBuf> {

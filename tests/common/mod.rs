@@ -5,6 +5,8 @@
 //! loud failure, never a skip.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;

@@ -29,14 +29,22 @@ fn shell_escape(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// The host as ssh takes it: an IPv6 address without the brackets a URL puts around it
+/// (ssh would look `[::1]` up as a name), and never empty.
+fn bare_host(url: &Url) -> Option<String> {
+    match url.host()? {
+        url::Host::Ipv6(addr) => Some(addr.to_string()),
+        url::Host::Ipv4(addr) => Some(addr.to_string()),
+        url::Host::Domain(name) if !name.is_empty() => Some(name.to_string()),
+        url::Host::Domain(_) => None,
+    }
+}
+
 impl SshSpec {
     /// The host an `ssh://` URL names, or `None` for any other URL.
     pub fn host_of(url: &str) -> Option<String> {
         let parsed = Url::parse(url).ok().filter(|u| u.scheme() == "ssh")?;
-        parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
+        bare_host(&parsed)
     }
 
     /// Parses the URL; `sshopts` is `NIX_SSHOPTS`; `connect_timeout` goes to ssh's
@@ -55,11 +63,7 @@ impl SshSpec {
         if url.scheme() != "ssh" {
             return Err(bad("not an ssh:// URL".into()));
         }
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no host".into()))?
-            .to_string();
+        let host = bare_host(&url).ok_or_else(|| bad("no host".into()))?;
         if host.starts_with('-') {
             return Err(bad(format!("{host:?} is not a host name")));
         }
@@ -81,6 +85,10 @@ impl SshSpec {
         };
         let port = url.port();
         let label = match port {
+            Some(p) if host.contains(':') => {
+                let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+                format!("{at}[{host}]:{p}")
+            }
             Some(p) => format!("{destination}:{p}"),
             None => destination.clone(),
         };
@@ -279,6 +287,28 @@ mod tests {
             let mode = std::fs::metadata(file).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "only narpost reads it");
         }
+    }
+
+    #[test]
+    fn an_ipv6_host_goes_to_ssh_without_brackets_and_is_pinned_as_ssh_names_it() {
+        let key = base64::engine::general_purpose::STANDARD.encode("ssh-ed25519 AAAAC3Nz host");
+        let url = format!("ssh://nix@[::1]:2222?base64-ssh-public-host-key={key}");
+        let spec = SshSpec::parse(&url, None, Duration::from_secs(5)).unwrap();
+        let args: Vec<String> = spec
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let dest = args.iter().position(|a| a == "--").unwrap() + 1;
+        assert_eq!(args[dest], "nix@::1", "{args:?}");
+        assert_eq!(spec.label, "nix@[::1]:2222");
+        let known = args
+            .iter()
+            .find_map(|a| a.strip_prefix("-oUserKnownHostsFile="))
+            .unwrap();
+        let line = std::fs::read_to_string(known).unwrap();
+        assert_eq!(line, "[::1]:2222 ssh-ed25519 AAAAC3Nz host\n");
+        assert_eq!(SshSpec::host_of("ssh://[::1]"), Some("::1".into()));
     }
 
     #[test]

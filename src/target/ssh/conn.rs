@@ -230,6 +230,11 @@ pub(super) async fn connect(
             ))
             .with_hint("Nix 2.1 or later is needed on the host"));
         }
+        Ok(Err(e @ ServeError::TooNew { .. })) => {
+            return Err(TargetError::auth(format!("{}: {e}", spec.label)).with_hint(
+                "this narpost is older than the host's Nix; upgrade narpost, or point remote-program= at a Nix that speaks 2.x",
+            ));
+        }
         Ok(Err(e)) => Some(Failure::Io(e.to_string())),
         Err(_) => Some(Failure::Timeout(wait)),
     };
