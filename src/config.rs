@@ -77,6 +77,7 @@ struct FileConfig {
     gc_roots_dir: Option<PathBuf>,
     drain_timeout: Option<u64>,
     http_timeout: Option<u64>,
+    retry_timeout: Option<u64>,
     upstream_keys: Option<Vec<String>>,
     upload_logs: Option<bool>,
     max_log_size: Option<u64>,
@@ -111,6 +112,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long an HTTP or ssh connection may make no progress before it counts as hung.
     pub http_timeout: Duration,
+    /// How long `push` keeps retrying one failing operation (the cache down, throttling)
+    /// before it gives up on it; the daemon and the watchers retry for as long as it takes.
+    pub retry_timeout: Duration,
     /// `priority` or `NARPOST_PRIORITY`; `None` leaves it to the command.
     pub priority: Option<Priority>,
     /// `metrics-listen` or `NARPOST_METRICS_LISTEN`: where to serve Prometheus metrics.
@@ -128,6 +132,9 @@ pub struct Config {
 /// Paths substituted from the official cache are not pushed again unless configured so.
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &["cache.nixos.org-1"];
 pub const DEFAULT_MAX_LOG_SIZE: u64 = 16 << 20;
+/// `retry-timeout`'s default: two minutes rides out a restart of the cache server or a
+/// burst of throttling, and still ends a push against a cache that is gone.
+pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 120;
 
 impl Config {
     /// `config_file`: the `--config` flag or `NARPOST_CONFIG`; when absent, the system-wide
@@ -172,6 +179,15 @@ impl Config {
                     reason: "expected a whole number of seconds above 0".into(),
                 })?,
             None => file.http_timeout.unwrap_or(60).max(1),
+        }
+        .min(NEVER_SECS);
+        let retry_timeout = match env("NARPOST_RETRY_TIMEOUT") {
+            Some(v) => v.parse().map_err(|_| ConfigError::Env {
+                var: "NARPOST_RETRY_TIMEOUT",
+                value: v.clone(),
+                reason: "expected a whole number of seconds".into(),
+            })?,
+            None => file.retry_timeout.unwrap_or(DEFAULT_RETRY_TIMEOUT_SECS),
         }
         .min(NEVER_SECS);
         let token_file = flags
@@ -267,6 +283,7 @@ impl Config {
                     .min(NEVER_SECS),
             ),
             http_timeout: Duration::from_secs(http_timeout),
+            retry_timeout: Duration::from_secs(retry_timeout),
             state_dir,
             config_file,
         })

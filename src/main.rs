@@ -199,7 +199,8 @@ async fn push(
     closure: bool,
 ) -> anyhow::Result<ExitCode> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let pipeline = narpost::app::pipeline(&cfg, RetryPolicy::default())?.with_events(tx);
+    let pipeline =
+        narpost::app::pipeline(&cfg, RetryPolicy::for_push(cfg.retry_timeout))?.with_events(tx);
     let printer = tokio::spawn(narpost::progress::render(rx));
     let cancel = CancellationToken::new();
     let ctrl_c = {

@@ -69,6 +69,7 @@ impl Drainer {
             retries: 2,
             min_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(2),
+            total: None,
         };
         // Checked before it is emptied: clearing a directory someone else had swapped for a
         // link would delete their choice of files.

@@ -74,6 +74,9 @@ pub struct RetryPolicy {
     pub retries: usize,
     pub min_delay: Duration,
     pub max_delay: Duration,
+    /// The most time spent waiting between attempts at one operation; with it, `retries`
+    /// is only an upper bound.
+    pub total: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -82,6 +85,19 @@ impl Default for RetryPolicy {
             retries: 4,
             min_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(15),
+            total: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// For `push`, which someone waits for: transient failures are retried with backoff for
+    /// up to `retry_for` per operation (`retry-timeout`), then the push gives up on them.
+    pub fn for_push(retry_for: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: if retry_for.is_zero() { 0 } else { usize::MAX },
+            total: Some(retry_for),
+            ..RetryPolicy::default()
         }
     }
 }
@@ -325,6 +341,7 @@ impl Pipeline {
             .with_min_delay(policy.min_delay)
             .with_max_delay(policy.max_delay)
             .with_max_times(retries)
+            .with_total_delay(policy.total)
             .with_jitter();
         op.retry(backoff)
             .sleep(tokio::time::sleep)

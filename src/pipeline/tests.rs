@@ -177,6 +177,7 @@ fn pipeline(store: Arc<Store>, target: crate::target::DynTarget, dir: &Path) -> 
                 retries: 3,
                 min_delay: Duration::from_millis(1),
                 max_delay: Duration::from_millis(5),
+                total: None,
             },
             upstream_keys: vec!["upstream-1".into()],
             logs: LogOptions {

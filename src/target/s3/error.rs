@@ -52,11 +52,16 @@ impl S3Target {
                 "create it first (e.g. `aws s3 mb s3://{}`), or fix the bucket name, region= or endpoint=",
                 self.bucket
             )),
-            (_, "SlowDown") | (Some(500..=599), _) | (Some(429), _) => {
-                TargetError::transient(format!(
-                    "{cache}: the server answered {code_note} while {action}"
-                ))
-            }
+            (_, "RequestTimeTooSkewed") => TargetError::auth(format!(
+                "{cache}: the server refused the request's time ({code_note}) while {action}"
+            ))
+            .with_hint("this machine's clock is off by more than 15 minutes; set it right (timedatectl, chrony, ntpd)"),
+            (_, code) if transient_code(code) => TargetError::transient(format!(
+                "{cache}: the server answered {code_note} while {action}"
+            )),
+            (Some(500..=599 | 429 | 408), _) => TargetError::transient(format!(
+                "{cache}: the server answered {code_note} while {action}"
+            )),
             (
                 _,
                 "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"
@@ -160,6 +165,35 @@ impl Failure {
         }
         failure
     }
+}
+
+/// S3 error codes that say "try again later", whatever the HTTP status they came with:
+/// S3 answers `InternalError` and `SlowDown` inside a 200 to CompleteMultipartUpload, and
+/// `RequestTimeout` (a 400) when it closed an idle upload socket; every AWS SDK retries
+/// these.
+fn transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "InternalError"
+            | "InternalFailure"
+            | "ServiceUnavailable"
+            | "ServiceFailure"
+            | "SlowDown"
+            | "RequestTimeout"
+            | "RequestTimeoutException"
+            | "OperationAborted"
+            | "Throttling"
+            | "ThrottlingException"
+            | "ThrottledException"
+            | "RequestThrottled"
+            | "RequestThrottledException"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "BandwidthLimitExceeded"
+            | "EC2ThrottledException"
+            | "PriorRequestNotComplete"
+            | "TransactionInProgressException"
+    )
 }
 
 fn status_in(text: &str) -> Option<u16> {

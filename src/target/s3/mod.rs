@@ -41,10 +41,13 @@
 //!
 //! The pipeline owns retrying with backoff, so object_store's own retries are cut down to a
 //! couple of quick attempts: an outage then reaches the pipeline in about a second instead of
-//! minutes. 5xx, `SlowDown` and connection failures are
-//! [`Transient`](super::ErrorKind::Transient); rejected credentials and denied access are
-//! [`Auth`](super::ErrorKind::Auth); a missing bucket and other 4xx are
-//! [`Permanent`](super::ErrorKind::Permanent).
+//! minutes. 5xx, 429, 408, connection failures and the S3 error codes that mean "later"
+//! whatever status they come with (`InternalError` and `SlowDown` inside a 200 answer to
+//! CompleteMultipartUpload, `RequestTimeout` as a 400) are
+//! [`Transient`](super::ErrorKind::Transient); rejected credentials, denied access and a
+//! skewed clock are [`Auth`](super::ErrorKind::Auth); a missing bucket and other 4xx are
+//! [`Permanent`](super::ErrorKind::Permanent). None of them gives up a queued path: the
+//! daemon keeps it until the cache takes it (see `pipeline::FailureKind::is_permanent`).
 
 mod client;
 mod credentials;
