@@ -466,6 +466,8 @@ pub struct Nginx {
     pub port: u16,
     prefix: PathBuf,
     child: Option<Child>,
+    /// `client_max_body_size`: `0` (no limit) unless a test sets one.
+    max_body: String,
 }
 
 impl Nginx {
@@ -480,6 +482,7 @@ impl Nginx {
             port: free_port(),
             prefix,
             child: None,
+            max_body: "0".into(),
         };
         nginx.write_config(None);
         nginx.resume();
@@ -518,7 +521,7 @@ http {{
   fastcgi_temp_path {p}/tmp;
   uwsgi_temp_path {p}/tmp;
   scgi_temp_path {p}/tmp;
-  client_max_body_size 0;
+  client_max_body_size {max_body};
   types {{ }}
   default_type application/octet-stream;
   server {{
@@ -534,6 +537,7 @@ http {{
 }}"#,
             port = self.port,
             root = self.root.display(),
+            max_body = self.max_body,
         )
         .expect("format");
         fs::write(self.prefix.join("nginx.conf"), conf).expect("write nginx.conf");
@@ -542,6 +546,15 @@ http {{
     /// Requires `Authorization: Bearer <token>` from now on (takes effect on restart).
     pub fn require_token(&mut self, token: &str) {
         self.write_config(Some(token));
+        self.stop();
+        self.resume();
+    }
+
+    /// Sets `client_max_body_size` (nginx's default is `1m`; `0` is no limit) and restarts:
+    /// a larger upload is answered 413, as a server left at its defaults does.
+    pub fn set_max_body(&mut self, size: &str) {
+        self.max_body = size.to_owned();
+        self.write_config(None);
         self.stop();
         self.resume();
     }
