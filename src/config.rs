@@ -442,6 +442,24 @@ mod tests {
     }
 
     #[test]
+    fn timeouts_written_as_never_become_deadlines_the_clock_can_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("narpost.toml");
+        std::fs::write(
+            &cfg,
+            "http-timeout = 9223372036854775807\ndrain-timeout = 9223372036854775807\nretry-timeout = 9223372036854775807\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&cfg), Some(dir.path().into()), Overrides::default()).unwrap();
+        let never = Duration::from_secs(NEVER_SECS);
+        assert_eq!((c.http_timeout, c.drain_timeout, c.retry_timeout), (never, never, never));
+        for t in [c.http_timeout, c.drain_timeout, c.retry_timeout] {
+            assert!(std::time::Instant::now().checked_add(t * 5).is_some());
+            let _ = tokio::time::Instant::now() + t;
+        }
+    }
+
+    #[test]
     fn upstream_keys_and_log_settings_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("narpost.toml");

@@ -737,3 +737,72 @@ fn directories_narpost_creates_are_private_and_a_planted_default_key_is_refused(
         .unwrap_or(false);
     assert!(!signed, "nothing was signed with the planted key");
 }
+
+// ---------------------------------------------------------------------------------------
+// Terminal escapes in a server's error, and timeouts written as "never"
+
+/// An Attic server whose error answer carries terminal escapes: `push` prints them
+/// escaped, and the daemon's log and `status` hold no ESC byte either.
+#[test]
+fn terminal_escapes_in_an_attic_error_never_reach_the_terminal_the_log_or_status() {
+    let env = Env::new();
+    let path = build_one(&env, "attic-escapes");
+    let port = hostile_server(|method, path, body| {
+        if method == "PUT" && path == "/_api/v1/upload-path" {
+            response(
+                "400 Bad Request",
+                "application/json",
+                b"{\"error\":\"Bad\x1b[2J\",\"message\":\"evil\x1b]0;owned\x07 text\"}",
+            )
+        } else {
+            attic_defaults(method, path, body)
+        }
+    });
+    let url = format!("attic+http://127.0.0.1:{port}/main");
+    let out = env
+        .narpost()
+        .args(["push", "--to", &url])
+        .arg(path.to_absolute())
+        .output()
+        .expect("run push");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!out.stderr.contains(&0x1b), "{:?}", stderr(&out));
+    assert!(stderr(&out).contains("\\u{1b}[2J"), "{}", stderr(&out));
+
+    run(env.narpost().arg("hook").env("OUT_PATHS", path.to_absolute()));
+    let log = env.path().join("daemon.log");
+    let daemon = Background::spawn(
+        env.narpost().env("NARPOST_CACHE", &url).arg("daemon"),
+        &log,
+        "narpost daemon",
+    );
+    wait_until("the daemon to record the error", Duration::from_secs(30), || {
+        status_json(&env)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("evil"))
+    });
+    let status = status_json(&env);
+    assert!(!status.to_string().contains("\\u001b"), "{status}");
+    let text = run(env.narpost().arg("status"));
+    assert!(!text.stdout.contains(&0x1b), "{}", stdout(&text));
+    assert_eq!(status["queue_depth"], 1, "a refusing cache keeps the path queued");
+    let (_, log_text) = daemon.terminate(Duration::from_secs(30));
+    assert!(!log_text.as_bytes().contains(&0x1b), "{log_text:?}");
+}
+
+/// `http-timeout` written as the largest number TOML holds, the natural way to say
+/// "never": pushes work instead of panicking on the first deadline.
+#[test]
+fn a_timeout_of_never_uploads_instead_of_panicking() {
+    let env = Env::new();
+    let nginx = Nginx::start(env.path());
+    let (key, public) = env.keygen("never-1");
+    let path = build_one(&env, "never-timeout");
+    let config = env.path().join("narpost.toml");
+    fs::write(&config, "http-timeout = 9223372036854775807\n").expect("write config");
+    run(push_cmd(&env, &nginx.url(), &key, &path).env("NARPOST_CONFIG", &config));
+    let out = run(push_cmd(&env, &nginx.url(), &key, &path)
+        .env("NARPOST_HTTP_TIMEOUT", u64::MAX.to_string()));
+    assert!(stderr(&out).contains("already cached"), "{}", stderr(&out));
+    assert_substitutes(&env, &nginx.url(), &public, std::slice::from_ref(&path));
+}

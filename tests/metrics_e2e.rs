@@ -158,3 +158,43 @@ fn metrics_agree_with_status_while_the_cache_is_down_and_after_the_drain() {
     assert!(!answer.contains(" 200 "), "{answer}");
     daemon.assert_running();
 }
+
+/// 64 clients that open a connection and send half a request head never keep a scrape out:
+/// each of four real scrapes is answered within seconds while they hang on.
+#[test]
+fn scrapes_get_through_while_64_clients_stall_half_way_through_their_request() {
+    let env = Env::new();
+    let (key, _) = env.keygen("metrics-slow-1");
+    let port = free_port();
+    let log = env.path().join("daemon.log");
+    let mut daemon = Background::spawn(
+        env.narpost()
+            .env("NARPOST_CACHE", format!("file://{}", env.path().join("cache").display()))
+            .env("NARPOST_KEY_FILE", &key)
+            .env("NARPOST_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .arg("daemon"),
+        &log,
+        "narpost daemon",
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    let stalled: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .expect("half a request");
+            s
+        })
+        .collect();
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        let m = scrape(port);
+        assert!(m.contains_key("narpost_queue_depth"), "{m:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a scrape took {:?} behind stalled clients",
+            started.elapsed()
+        );
+    }
+    drop(stalled);
+    daemon.assert_running();
+}

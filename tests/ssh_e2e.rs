@@ -54,7 +54,7 @@ impl Sshd {
         fs::write(
             dir.join("sshd_config"),
             format!(
-                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {dir}/host_key\n\
+                "ListenAddress 127.0.0.1\nListenAddress [::1]\nPort {port}\nHostKey {dir}/host_key\n\
                  AuthorizedKeysFile {dir}/authorized_keys\nPidFile none\nStrictModes no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\nUsePAM no\nLogLevel ERROR\nMaxStartups 100\n",
@@ -272,6 +272,30 @@ fn push_makes_the_closure_valid_and_signed_in_the_hosts_store() {
         text.contains(&format!("all {} paths were already cached", closure.len())),
         "{text}"
     );
+}
+
+/// Without `secret-key-file` the host gets paths signed by the generated default key, as
+/// every other cache does; and a host given as an IPv6 address is reached.
+#[test]
+fn with_no_key_configured_paths_arrive_signed_by_the_default_key_over_ipv6() {
+    let env = Env::new();
+    let path = build_one(&env, "narpost-ssh-nokey");
+    let (remote, sshd) = host(&env);
+    let url = format!(
+        "ssh://root@[::1]:{}?ssh-key={}&base64-ssh-public-host-key={}",
+        sshd.port,
+        sshd.client_key.display(),
+        sshd.host_key_b64()
+    );
+    let out = run(env.narpost().args(["push", "--to", &url]).arg(path.to_absolute()));
+    assert!(
+        stderr(&out).contains("generated signing key"),
+        "{}",
+        stderr(&out)
+    );
+    let public = fs::read_to_string(env.state().join("signing.pub")).expect("default key");
+    assert_eq!(valid_in(&remote, &path), vec![path.clone()]);
+    assert_verified(&remote, public.trim(), std::slice::from_ref(&path));
 }
 
 #[test]
