@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod s3;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
