@@ -105,4 +105,3 @@ pub fn resolve_store_path(arg: &Path) -> anyhow::Result<StorePath> {
     };
     Ok(StorePath::from_base(&first)?)
 }
-

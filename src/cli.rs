@@ -145,6 +145,27 @@ pub enum Command {
     /// and start the systemd unit; then print the lines the machines that fetch need.
     Setup(crate::setup::SetupArgs),
 
+    /// Read the cache back and say what is broken, one line each: narinfos whose NAR is
+    /// missing or of the wrong size, references without a narinfo, signatures that do not
+    /// verify with the configured key. Exits 1 when something is broken.
+    Check {
+        #[command(flatten)]
+        target: TargetArgs,
+
+        /// Also read every NAR and compare it with its FileHash.
+        #[arg(long)]
+        deep: bool,
+
+        /// Push again from this machine's store whatever is broken, then check it again.
+        #[arg(long)]
+        repair: bool,
+
+        /// Check the closures of these store paths (or ./result links); default: every
+        /// narinfo the cache lists (file://, S3, HTTP with WebDAV listing).
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+
     /// Queue again the entries given up on (their paths' contents did not match the
     /// store's NarHash, or the paths were gone), all of them or those holding PATH, once
     /// the store is repaired.

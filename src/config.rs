@@ -36,7 +36,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/narpost";
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/narpost/narpost.toml";
 pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/narpost";
 
-
 /// Timeouts above this (ten years) mean "never" and are taken as this: a deadline must stay
 /// a point in time the clock can hold, and `u64::MAX` seconds is the natural way to write
 /// "never" in a config file.
@@ -452,7 +451,10 @@ mod tests {
         .unwrap();
         let c = Config::load(Some(&cfg), Some(dir.path().into()), Overrides::default()).unwrap();
         let never = Duration::from_secs(NEVER_SECS);
-        assert_eq!((c.http_timeout, c.drain_timeout, c.retry_timeout), (never, never, never));
+        assert_eq!(
+            (c.http_timeout, c.drain_timeout, c.retry_timeout),
+            (never, never, never)
+        );
         for t in [c.http_timeout, c.drain_timeout, c.retry_timeout] {
             assert!(std::time::Instant::now().checked_add(t * 5).is_some());
             let _ = tokio::time::Instant::now() + t;

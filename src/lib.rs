@@ -22,12 +22,14 @@
 //! - [`metrics`]: Prometheus metrics of the drainer, served at `/metrics`.
 //! - [`priority`]: yielding the CPU and the disk to builds (sessions, autogroups, nice, I/O class).
 //! - [`status`]: what `narpost status` reports.
+//! - [`check`]: `narpost check`: reads the cache back, says what is broken, repairs it from the store.
 //! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
 //! - [`cli`]: the command line; [`cli_docs`]: its completions and man pages; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
 
 pub mod app;
 pub mod buildlog;
+pub mod check;
 pub mod cli;
 pub mod cli_docs;
 pub mod compress;

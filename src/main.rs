@@ -157,6 +157,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             narpost::setup::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check {
+            target,
+            deep,
+            repair,
+            paths,
+        } => {
+            let cfg = load(target.overrides(None))?;
+            let paths = paths
+                .iter()
+                .map(|p| narpost::app::resolve_store_path(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = narpost::check::CheckOptions {
+                paths,
+                deep,
+                repair,
+            };
+            let sound = runtime()?.block_on(narpost::check::run(&cfg, opts))?;
+            Ok(if sound {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Retry { paths } => {
             let cfg = load(Overrides::default())?;
             let only = paths

@@ -165,7 +165,10 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("cache down:   for {}", ago(since));
     }
     if let Some(a) = &s.needs_attention {
-        println!("attention:    queued paths wait for a fix: {}", printable(a));
+        println!(
+            "attention:    queued paths wait for a fix: {}",
+            printable(a)
+        );
     }
     if let Some(e) = &s.last_error {
         match s.last_error_at {

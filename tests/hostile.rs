@@ -769,23 +769,33 @@ fn terminal_escapes_in_an_attic_error_never_reach_the_terminal_the_log_or_status
     assert!(!out.stderr.contains(&0x1b), "{:?}", stderr(&out));
     assert!(stderr(&out).contains("\\u{1b}[2J"), "{}", stderr(&out));
 
-    run(env.narpost().arg("hook").env("OUT_PATHS", path.to_absolute()));
+    run(env
+        .narpost()
+        .arg("hook")
+        .env("OUT_PATHS", path.to_absolute()));
     let log = env.path().join("daemon.log");
     let daemon = Background::spawn(
         env.narpost().env("NARPOST_CACHE", &url).arg("daemon"),
         &log,
         "narpost daemon",
     );
-    wait_until("the daemon to record the error", Duration::from_secs(30), || {
-        status_json(&env)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("evil"))
-    });
+    wait_until(
+        "the daemon to record the error",
+        Duration::from_secs(30),
+        || {
+            status_json(&env)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("evil"))
+        },
+    );
     let status = status_json(&env);
     assert!(!status.to_string().contains("\\u001b"), "{status}");
     let text = run(env.narpost().arg("status"));
     assert!(!text.stdout.contains(&0x1b), "{}", stdout(&text));
-    assert_eq!(status["queue_depth"], 1, "a refusing cache keeps the path queued");
+    assert_eq!(
+        status["queue_depth"], 1,
+        "a refusing cache keeps the path queued"
+    );
     let (_, log_text) = daemon.terminate(Duration::from_secs(30));
     assert!(!log_text.as_bytes().contains(&0x1b), "{log_text:?}");
 }
@@ -801,8 +811,9 @@ fn a_timeout_of_never_uploads_instead_of_panicking() {
     let config = env.path().join("narpost.toml");
     fs::write(&config, "http-timeout = 9223372036854775807\n").expect("write config");
     run(push_cmd(&env, &nginx.url(), &key, &path).env("NARPOST_CONFIG", &config));
-    let out = run(push_cmd(&env, &nginx.url(), &key, &path)
-        .env("NARPOST_HTTP_TIMEOUT", u64::MAX.to_string()));
+    let out =
+        run(push_cmd(&env, &nginx.url(), &key, &path)
+            .env("NARPOST_HTTP_TIMEOUT", u64::MAX.to_string()));
     assert!(stderr(&out).contains("already cached"), "{}", stderr(&out));
     assert_substitutes(&env, &nginx.url(), &public, std::slice::from_ref(&path));
 }

@@ -64,7 +64,11 @@ fn an_idle_daemon_costs_no_cpu_with_an_empty_queue_and_after_a_drain() {
 
     let p = simple_paths(&env, &["idle"]);
     assert_lines(
-        hook(&env.state(), &gcroots, &[("OUT_PATHS", &p[0].to_absolute())]),
+        hook(
+            &env.state(),
+            &gcroots,
+            &[("OUT_PATHS", &p[0].to_absolute())],
+        ),
         &[],
     );
     wait_drained(&env, &daemon, Duration::from_secs(30));
@@ -88,7 +92,12 @@ fn random_path(env: &Env, name: &str, bytes: u64) -> StorePath {
 /// not have it.
 fn assert_kept(env: &Env, daemon: &Daemon, gcroots: &Path, path: &StorePath, cache: &CacheDir) {
     let status = status_json(env);
-    assert_eq!(status["failed"], serde_json::json!([]), "{status}\n{}", daemon.log());
+    assert_eq!(
+        status["failed"],
+        serde_json::json!([]),
+        "{status}\n{}",
+        daemon.log()
+    );
     assert_eq!(status["queue_depth"], 1, "{status}");
     assert_eq!(queued_paths(&env.state()), BTreeSet::from([path.clone()]));
     assert!(rooted(gcroots).contains(path), "the GC root is kept");
@@ -145,7 +154,11 @@ fn an_http_413_keeps_the_path_queued_with_a_hint_until_the_admin_raises_the_limi
     let gcroots = env.path().join("gcroots");
     let path = random_path(&env, "too-large", 200_000);
     assert_lines(
-        hook(&env.state(), &gcroots, &[("OUT_PATHS", &path.to_absolute())]),
+        hook(
+            &env.state(),
+            &gcroots,
+            &[("OUT_PATHS", &path.to_absolute())],
+        ),
         &[],
     );
     let daemon = Daemon::start(&env, &nginx.url(), &key, 30);
@@ -190,7 +203,11 @@ fn a_corrupt_path_is_given_up_on_and_retry_queues_it_again_once_repaired() {
     let original = fs::read(&file).expect("read the store file");
     corrupt_store_file(&file, b"BROKEN\n");
     assert_lines(
-        hook(&env.state(), &gcroots, &[("OUT_PATHS", &p[0].to_absolute())]),
+        hook(
+            &env.state(),
+            &gcroots,
+            &[("OUT_PATHS", &p[0].to_absolute())],
+        ),
         &[],
     );
     let daemon = Daemon::start(&env, &url, &key, 30);
@@ -218,14 +235,21 @@ fn a_corrupt_path_is_given_up_on_and_retry_queues_it_again_once_repaired() {
         "{}",
         stderr(&out)
     );
-    wait_for(&daemon, "the repaired path in the cache", Duration::from_secs(30), || {
-        CacheDir::new(&cache_dir).has(&p[0])
-    });
+    wait_for(
+        &daemon,
+        "the repaired path in the cache",
+        Duration::from_secs(30),
+        || CacheDir::new(&cache_dir).has(&p[0]),
+    );
     wait_drained(&env, &daemon, Duration::from_secs(30));
     wait_unrooted(&gcroots);
     assert_eq!(status_json(&env)["failed"], serde_json::json!([]));
     let again = run(env.narpost().arg("retry"));
-    assert!(stderr(&again).contains("0 entries queued again"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("0 entries queued again"),
+        "{}",
+        stderr(&again)
+    );
     assert_substitutes(&env, &url, &public, &p);
 }
 
@@ -258,9 +282,12 @@ fn watch_exec_beside_a_running_daemon_runs_the_command_and_leaves_the_uploads_to
     assert!(err.contains("already drains"), "one line says so: {err}");
     let built = parse_paths(&stdout(&out));
     assert_eq!(built.len(), 1, "{}", stdout(&out));
-    wait_for(&daemon, "the daemon to upload the build", Duration::from_secs(30), || {
-        CacheDir::new(&cache_dir).has(&built[0])
-    });
+    wait_for(
+        &daemon,
+        "the daemon to upload the build",
+        Duration::from_secs(30),
+        || CacheDir::new(&cache_dir).has(&built[0]),
+    );
     assert!(started.elapsed() < Duration::from_secs(60));
     assert_substitutes(&env, &url, &public, &built);
 }

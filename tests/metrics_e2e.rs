@@ -169,7 +169,10 @@ fn scrapes_get_through_while_64_clients_stall_half_way_through_their_request() {
     let log = env.path().join("daemon.log");
     let mut daemon = Background::spawn(
         env.narpost()
-            .env("NARPOST_CACHE", format!("file://{}", env.path().join("cache").display()))
+            .env(
+                "NARPOST_CACHE",
+                format!("file://{}", env.path().join("cache").display()),
+            )
             .env("NARPOST_KEY_FILE", &key)
             .env("NARPOST_METRICS_LISTEN", format!("127.0.0.1:{port}"))
             .arg("daemon"),

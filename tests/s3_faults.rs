@@ -34,7 +34,10 @@ struct FaultProxy {
 }
 
 impl FaultProxy {
-    fn start(upstream: u16, fault: impl Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync + 'static) -> FaultProxy {
+    fn start(
+        upstream: u16,
+        fault: impl Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -59,7 +62,10 @@ impl FaultProxy {
     }
 
     fn url(&self) -> String {
-        format!("s3://{BUCKET}?region=us-east-1&endpoint={}", self.endpoint())
+        format!(
+            "s3://{BUCKET}?region=us-east-1&endpoint={}",
+            self.endpoint()
+        )
     }
 
     fn faults(&self) -> usize {
@@ -181,7 +187,11 @@ fn drain_through_fault(
     let (key, public) = env.keygen("s3-fault-1");
     let gcroots = env.path().join("gcroots");
     assert_lines(
-        hook(&env.state(), &gcroots, &[("OUT_PATHS", &path.to_absolute())]),
+        hook(
+            &env.state(),
+            &gcroots,
+            &[("OUT_PATHS", &path.to_absolute())],
+        ),
         &[],
     );
     let daemon = Daemon::start_with(env, &proxy.url(), &key, 30, |cmd| {
@@ -194,11 +204,19 @@ fn drain_through_fault(
         || proxy.faults() >= faults,
     );
     // Past the retries of the moment: the pass is over and the entry booked.
-    wait_for(&daemon, "the failure to be recorded", Duration::from_secs(60), || {
-        status_json(env)["last_error"].is_string()
-    });
+    wait_for(
+        &daemon,
+        "the failure to be recorded",
+        Duration::from_secs(60),
+        || status_json(env)["last_error"].is_string(),
+    );
     let status = status_json(env);
-    assert_eq!(status["failed"], serde_json::json!([]), "{status}\n{}", daemon.log());
+    assert_eq!(
+        status["failed"],
+        serde_json::json!([]),
+        "{status}\n{}",
+        daemon.log()
+    );
     assert_eq!(status["queue_depth"], 1, "{status}");
     assert_eq!(queued_paths(&env.state()), BTreeSet::from([path.clone()]));
     assert!(rooted(&gcroots).contains(path), "the GC root is kept");
@@ -222,7 +240,10 @@ fn an_internal_error_inside_a_200_to_complete_multipart_keeps_the_path_queued_un
         (complete && on.load(Ordering::SeqCst)).then(|| {
             answer(
                 "200 OK",
-                &s3_error("InternalError", "We encountered an internal error. Please try again."),
+                &s3_error(
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                ),
             )
         })
     });
@@ -264,7 +285,10 @@ fn push_rides_out_slow_down_for_retry_timeout_and_then_gives_up_saying_so() {
     let on = failing.clone();
     let proxy = FaultProxy::start(server.port, move |_, _| {
         on.load(Ordering::SeqCst).then(|| {
-            answer("503 Slow Down", &s3_error("SlowDown", "Please reduce your request rate."))
+            answer(
+                "503 Slow Down",
+                &s3_error("SlowDown", "Please reduce your request rate."),
+            )
         })
     });
     let path = random_path(&env, "s3-slowdown", 100_000);
@@ -299,5 +323,10 @@ fn push_rides_out_slow_down_for_retry_timeout_and_then_gives_up_saying_so() {
     let out = run(&mut long);
     assert!(proxy.faults() > 5, "the fault was met: {}", stderr(&out));
     server.cache().assert_complete();
-    assert_substitutes(&env, &server.file_url(), &public, std::slice::from_ref(&path));
+    assert_substitutes(
+        &env,
+        &server.file_url(),
+        &public,
+        std::slice::from_ref(&path),
+    );
 }

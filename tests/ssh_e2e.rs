@@ -287,7 +287,10 @@ fn with_no_key_configured_paths_arrive_signed_by_the_default_key_over_ipv6() {
         sshd.client_key.display(),
         sshd.host_key_b64()
     );
-    let out = run(env.narpost().args(["push", "--to", &url]).arg(path.to_absolute()));
+    let out = run(env
+        .narpost()
+        .args(["push", "--to", &url])
+        .arg(path.to_absolute()));
     assert!(
         stderr(&out).contains("generated signing key"),
         "{}",

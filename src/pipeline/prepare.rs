@@ -8,8 +8,8 @@ use std::path::Path;
 use super::{FailureKind, PathFailure, Pipeline};
 use crate::compress::FramedZstd;
 use crate::dump::{self, DumpError, NarSource};
-use crate::format::nar::NarError;
 use crate::format::hash::HashingWriter;
+use crate::format::nar::NarError;
 use crate::store::PathInfo;
 use crate::target::{NarBody, NarFormat, PreparedNar, SpooledNar};
 

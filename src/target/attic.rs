@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use super::stall::{self, Progress};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
 use crate::format::nixbase32;
 use crate::format::store_path::{STORE_DIR, StorePath};
@@ -200,6 +201,17 @@ impl AtticTarget {
         self.api().join(path).map_err(|e| {
             TargetError::permanent(format!("{}: cannot form the URL for {path}: {e}", self.url))
         })
+    }
+
+    /// An object of the binary cache the server serves for this cache (narinfos, NARs):
+    /// below the server's own address, not the API endpoint.
+    fn cache_object(&self, key: &str) -> Result<Url, TargetError> {
+        let key = super::object_key(key)?;
+        self.server
+            .join(&format!("{}/{key}", self.cache))
+            .map_err(|e| {
+                TargetError::permanent(format!("{}: cannot form the URL for {key}: {e}", self.url))
+            })
     }
 
     fn server_name(&self) -> String {
@@ -476,6 +488,75 @@ impl Target for AtticTarget {
             "nar/{}.nar",
             nixbase32::encode(nar.info.nar_hash.as_bytes())
         ))
+    }
+
+    async fn read_small(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
+        let url = self.cache_object(key)?;
+        let action = format!("reading {url}");
+        let response = self
+            .client
+            .get(url)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| self.request_error(&e, &action))?;
+        match response.status().as_u16() {
+            200 => self.read_body(response, limit, &action).await.map(Some),
+            404 => Ok(None),
+            _ => Err(self.answer_error(response, &action).await),
+        }
+    }
+
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
+        let url = self.cache_object(key)?;
+        let action = format!("checking {url}");
+        let response = self
+            .client
+            .head(url.clone())
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| self.request_error(&e, &action))?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(self.answer_error(response, &action).await),
+        }
+        let size = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match size {
+            Some(size) => Ok(Some(size)),
+            // Attic streams NARs from chunks and may not know the length up front: read it.
+            None => Ok(self.object_sha256(key).await?.map(|(_, size)| size)),
+        }
+    }
+
+    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+        let url = self.cache_object(key)?;
+        let action = format!("reading {url}");
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.request_error(&e, &action))?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(self.answer_error(response, &action).await),
+        }
+        match stall::hash_answer(response, self.timeout).await {
+            Ok(found) => Ok(Some(found)),
+            Err(stall::AnswerError::TimedOut(waited)) => Err(TargetError::transient(format!(
+                "{}: timed out after {}s while {action}: the answer stalled",
+                self.server_name(),
+                waited.as_secs()
+            ))),
+            Err(stall::AnswerError::Transport(e)) => Err(self.request_error(&e, &action)),
+        }
     }
 
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {

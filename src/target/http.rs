@@ -46,6 +46,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 
 use super::stall::{self, Progress};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
@@ -61,6 +62,9 @@ const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `nix-cache-info` answers longer than this are not cache infos (and not worth reading).
 const MAX_CACHE_INFO: usize = 64 * 1024;
+
+/// A WebDAV listing longer than this is not read (about 400,000 narinfos).
+const MAX_LISTING: usize = 64 << 20;
 
 /// Chunk size for streaming a spooled NAR.
 const UPLOAD_CHUNK: usize = 256 * 1024;
@@ -352,6 +356,120 @@ impl Target for HttpTarget {
         self.put_small(&super::log_key(drv), super::LOG_TYPE, log.to_vec())
             .await
     }
+
+    async fn read_small(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
+        let url = self.object_url(super::object_key(key)?)?;
+        let response = self
+            .send_small(self.request(Method::GET, url.clone()), &url)
+            .await?;
+        let status = response.status();
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            _ => return Err(status_error(&url, &response)),
+        }
+        let answer = stall::read_answer(response, limit, self.read_timeout)
+            .await
+            .map_err(|e| answer_error(&url, status, e))?;
+        if answer.truncated {
+            return Err(TargetError::permanent(format!(
+                "{url}: larger than {limit} bytes"
+            )));
+        }
+        Ok(Some(answer.body))
+    }
+
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
+        let url = self.object_url(super::object_key(key)?)?;
+        let response = self
+            .send_small(self.request(Method::HEAD, url.clone()), &url)
+            .await?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            _ => return Err(status_error(&url, &response)),
+        }
+        response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                TargetError::permanent(format!("{url}: the server gave no Content-Length"))
+            })
+    }
+
+    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+        let url = self.object_url(super::object_key(key)?)?;
+        // No total timeout: a large NAR may take long; stalling is what fails it.
+        let response = self
+            .request(Method::GET, url.clone())
+            .send()
+            .await
+            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
+        let status = response.status();
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            _ => return Err(status_error(&url, &response)),
+        }
+        stall::hash_answer(response, self.read_timeout)
+            .await
+            .map(Some)
+            .map_err(|e| answer_error(&url, status, e))
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), TargetError> {
+        let url = self.object_url(super::object_key(key)?)?;
+        let response = self
+            .send_small(self.request(Method::DELETE, url.clone()), &url)
+            .await?;
+        match response.status() {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(status_error(&url, &response)),
+        }
+    }
+
+    /// A WebDAV listing (`PROPFIND`, depth 1) of the cache directory, where the server
+    /// offers one (nginx with `dav_ext_methods PROPFIND`); a plain HTTP cache has none.
+    async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
+        let url = self.base.clone();
+        let method = Method::from_bytes(b"PROPFIND")
+            .map_err(|e| TargetError::permanent(format!("PROPFIND: {e}")))?;
+        let request = self
+            .request(method, url.clone())
+            .header("Depth", "1")
+            .header(CONTENT_TYPE, "application/xml")
+            .body(r#"<?xml version="1.0"?><propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>"#);
+        let response = request
+            .timeout(self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR)
+            .send()
+            .await
+            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
+        let status = response.status();
+        match status.as_u16() {
+            207 => {}
+            401 | 403 => return Err(status_error(&url, &response)),
+            _ => return Ok(None),
+        }
+        let answer = stall::read_answer(
+            response,
+            MAX_LISTING,
+            self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR,
+        )
+        .await
+        .map_err(|e| answer_error(&url, status, e))?;
+        if answer.truncated {
+            return Err(TargetError::permanent(format!(
+                "{url}: the listing is larger than {MAX_LISTING} bytes"
+            ))
+            .with_hint("name the paths to check"));
+        }
+        Ok(Some(narinfos_in_listing(&String::from_utf8_lossy(
+            &answer.body,
+        ))))
+    }
 }
 
 fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, TargetError> {
@@ -502,6 +620,31 @@ fn answer_error(url: &Url, status: StatusCode, e: stall::AnswerError) -> TargetE
             ))
         }
     }
+}
+
+/// The hash parts of the narinfos a WebDAV multistatus answer names (`<D:href>` elements
+/// under any namespace prefix, whatever directory they are in).
+fn narinfos_in_listing(xml: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find("href>") {
+        rest = &rest[at + 5..];
+        let Some(end) = rest.find('<') else { break };
+        let href = rest[..end].trim();
+        let name = href.rsplit('/').next().unwrap_or("");
+        if let Some(hash) = name.strip_suffix(".narinfo")
+            && hash.len() == 32
+            && hash
+                .bytes()
+                .all(|b| crate::format::nixbase32::ALPHABET.contains(&b))
+        {
+            out.push(hash.to_owned());
+        }
+        rest = &rest[end..];
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn status_error(url: &Url, response: &Response) -> TargetError {

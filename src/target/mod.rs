@@ -219,6 +219,69 @@ pub trait Target: Send + Sync {
             self.url()
         )))
     }
+
+    // Reading the cache back, as a substituting Nix would (`narpost check`). `key` is
+    // relative to the cache root, as a narinfo's `URL` is, and has passed [`object_key`];
+    // `Ok(None)` means there is no such object. A cache that cannot be read back (a host's
+    // store over ssh) keeps the defaults, which say so.
+
+    /// The whole of a small object (a narinfo), refused past `limit` bytes.
+    async fn read_small(&self, key: &str, _limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
+        Err(cannot_read(&self.url(), key))
+    }
+
+    /// The size of an object, without reading it.
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
+        Err(cannot_read(&self.url(), key))
+    }
+
+    /// The SHA-256 and size of an object's bytes, read through in constant memory.
+    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+        Err(cannot_read(&self.url(), key))
+    }
+
+    /// The hash parts of every narinfo in the cache, or `None` when the cache cannot be
+    /// listed (a plain HTTP server without WebDAV listing, Attic).
+    async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
+        Ok(None)
+    }
+
+    /// Removes an object found corrupt (`check --deep --repair`), so that storing the NAR
+    /// again writes it instead of taking the same-named object as already there.
+    async fn remove(&self, key: &str) -> Result<(), TargetError> {
+        Err(cannot_read(&self.url(), key))
+    }
+}
+
+/// Largest narinfo read back: real ones are a few hundred bytes to a few kilobytes.
+pub const MAX_NARINFO: usize = 1 << 20;
+
+fn cannot_read(url: &str, key: &str) -> TargetError {
+    TargetError::permanent(format!("{url}: this cache cannot be read back ({key})"))
+        .with_hint("check binary caches (file://, http(s)://, s3://, attic+); an ssh host's store checks itself with `nix store verify`")
+}
+
+/// `key` if it may name an object below the cache root: relative, without `.` or `..`
+/// segments and without control characters. Keys come from narinfos, which are whatever the
+/// cache holds; none may lead a read outside it.
+pub fn object_key(key: &str) -> Result<&str, TargetError> {
+    let fine = !key.is_empty()
+        && !key.starts_with('/')
+        && key.len() <= 1024
+        && key
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && !key
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\\' | '?' | '#' | '%'));
+    if fine {
+        Ok(key)
+    } else {
+        Err(TargetError::permanent(format!(
+            "{}: not a key inside the cache",
+            crate::text::printable(key)
+        )))
+    }
 }
 
 /// Where a build log goes, relative to the cache root.

@@ -151,6 +151,30 @@ pub async fn read_answer(
         .unwrap_or(Err(AnswerError::TimedOut(timeout)))
 }
 
+/// Reads `response`'s body through SHA-256 in constant memory: (hash, bytes). The answer
+/// may take as long as it needs while it makes progress; `stall` is how long it may send
+/// nothing at all.
+pub async fn hash_answer(
+    response: reqwest::Response,
+    stall: Duration,
+) -> Result<(crate::format::hash::Sha256, u64), AnswerError> {
+    use futures::StreamExt;
+    let mut hasher = crate::format::hash::Sha256Hasher::new();
+    let mut size = 0u64;
+    let mut stream = response.bytes_stream();
+    loop {
+        match tokio::time::timeout(stall, stream.next()).await {
+            Err(_) => return Err(AnswerError::TimedOut(stall)),
+            Ok(None) => return Ok((hasher.finalize(), size)),
+            Ok(Some(chunk)) => {
+                let chunk = chunk.map_err(AnswerError::Transport)?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

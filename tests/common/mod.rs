@@ -508,7 +508,8 @@ impl Nginx {
             .unwrap_or_default();
         writeln!(
             conf,
-            r#"daemon off;
+            r#"load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+daemon off;
 master_process off;
 user root;
 error_log {p}/error.log warn;
@@ -531,6 +532,8 @@ http {{
     location / {{
       {auth_block}
       dav_methods PUT DELETE;
+      # PROPFIND lists the cache, as `narpost check` asks.
+      dav_ext_methods PROPFIND OPTIONS;
       create_full_put_path on;
       dav_access user:rw group:r all:r;
     }}

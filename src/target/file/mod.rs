@@ -62,6 +62,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
@@ -179,6 +180,92 @@ impl Target for FileTarget {
         // Best effort and no commit point: log/ is not synced, so a crash just after may
         // lose the log (written whole or not at all), never anything a narinfo promises.
         blocking(move || inner.write_atomically(&key, &log)).await
+    }
+
+    async fn read_small(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
+        let path = self.dir.join(super::object_key(key)?);
+        let inner = self.inner.clone();
+        blocking(move || {
+            let Some(file) = inner.open_existing(&path)? else {
+                return Ok(None);
+            };
+            let mut body = Vec::new();
+            io::Read::read_to_end(&mut io::Read::take(file, limit as u64 + 1), &mut body)
+                .map_err(|e| inner.io_err(e, "cannot read", &path))?;
+            if body.len() > limit {
+                return Err(TargetError::permanent(format!(
+                    "{}: larger than {limit} bytes",
+                    path.display()
+                )));
+            }
+            Ok(Some(body))
+        })
+        .await
+    }
+
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
+        let path = self.dir.join(super::object_key(key)?);
+        let inner = self.inner.clone();
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(inner.io_err(e, "cannot check", &path)),
+        })
+        .await
+    }
+
+    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+        let path = self.dir.join(super::object_key(key)?);
+        let inner = self.inner.clone();
+        blocking(move || {
+            let Some(mut file) = inner.open_existing(&path)? else {
+                return Ok(None);
+            };
+            let mut hasher = Sha256Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut size = 0u64;
+            loop {
+                let n = io::Read::read(&mut file, &mut buf)
+                    .map_err(|e| inner.io_err(e, "cannot read", &path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            Ok(Some((hasher.finalize(), size)))
+        })
+        .await
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), TargetError> {
+        let path = self.dir.join(super::object_key(key)?);
+        let inner = self.inner.clone();
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(inner.io_err(e, "cannot remove", &path)),
+        })
+        .await
+    }
+
+    async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
+        let inner = self.inner.clone();
+        let dir = self.dir.clone();
+        blocking(move || {
+            let list_err = |e| inner.io_err(e, "cannot list", &dir);
+            let mut out = Vec::new();
+            for item in fs::read_dir(&dir).map_err(list_err)? {
+                let name = item.map_err(list_err)?.file_name();
+                if let Some(hash) = name.to_str().and_then(|n| n.strip_suffix(".narinfo")) {
+                    out.push(hash.to_owned());
+                }
+            }
+            out.sort();
+            Ok(Some(out))
+        })
+        .await
     }
 }
 
@@ -356,6 +443,16 @@ impl Inner {
     }
 
     /// `<path>: <what>: <error>`, classified, with a hint where the user can fix it.
+    /// A regular file opened for reading, or `None` when nothing (or no file) is there.
+    fn open_existing(&self, path: &Path) -> Result<Option<File>, TargetError> {
+        match File::open(path) {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => Ok(Some(f)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err(e, "cannot open", path)),
+        }
+    }
+
     fn io_err(&self, e: io::Error, what: &str, path: &Path) -> TargetError {
         let message = format!("{}: {what}: {e}", path.display());
         let dir = self.dir.display();

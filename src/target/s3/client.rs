@@ -20,6 +20,7 @@ use super::credentials::resolve_credentials;
 use super::error::{Failure, redact};
 use super::url::S3Url;
 use super::{CACHE_INFO_TYPE, MULTIPART_THRESHOLD, NAR_TYPE, NARINFO_TYPE, S3Target};
+use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
@@ -299,6 +300,83 @@ impl Target for S3Target {
         let key = self.key(&log_key(drv));
         let action = format!("uploading {key}");
         self.put_small(&key, log, LOG_TYPE, &action).await
+    }
+
+    async fn read_small(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
+        let key = self.key(crate::target::object_key(key)?);
+        let action = format!("reading {key}");
+        let got = match self.meta.get(&key).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(&e, &action)),
+        };
+        if got.meta.size > limit as u64 {
+            return Err(TargetError::permanent(format!(
+                "{}: {key} is larger than {limit} bytes",
+                self.display()
+            )));
+        }
+        let body = got.bytes().await.map_err(|e| self.error(&e, &action))?;
+        Ok(Some(body.to_vec()))
+    }
+
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
+        let key = self.key(crate::target::object_key(key)?);
+        match self.meta.head(&key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&e, &format!("checking {key}"))),
+        }
+    }
+
+    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+        let key = self.key(crate::target::object_key(key)?);
+        let action = format!("reading {key}");
+        let got = match self.data.get(&key).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(&e, &action)),
+        };
+        let mut hasher = Sha256Hasher::new();
+        let mut size = 0u64;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.error(&e, &action))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+        }
+        Ok(Some((hasher.finalize(), size)))
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), TargetError> {
+        let key = self.key(crate::target::object_key(key)?);
+        match self.meta.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&e, &format!("removing {key}"))),
+        }
+    }
+
+    async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let depth = prefix.as_ref().map_or(0, |p| p.parts().count());
+        let mut out = Vec::new();
+        let mut listing = self.meta.list(prefix.as_ref());
+        while let Some(item) = listing.next().await {
+            let meta = item.map_err(|e| self.error(&e, "listing the bucket"))?;
+            // Directly below the prefix only: nar/ and log/ hold other things.
+            if meta.location.parts().count() != depth + 1 {
+                continue;
+            }
+            if let Some(hash) = meta
+                .location
+                .filename()
+                .and_then(|n| n.strip_suffix(".narinfo"))
+            {
+                out.push(hash.to_owned());
+            }
+        }
+        out.sort();
+        Ok(Some(out))
     }
 }
 

@@ -86,7 +86,11 @@ impl SshSpec {
         let port = url.port();
         let label = match port {
             Some(p) if host.contains(':') => {
-                let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+                let at = if user.is_empty() {
+                    String::new()
+                } else {
+                    format!("{user}@")
+                };
                 format!("{at}[{host}]:{p}")
             }
             Some(p) => format!("{destination}:{p}"),
