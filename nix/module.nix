@@ -25,6 +25,56 @@ let
 
   settingsFormat = pkgs.formats.toml { };
 
+  # Every key of narpost's config file (src/config.rs FileConfig, which refuses any other;
+  # tests/nixos_module.rs keeps the two lists equal), typed as narpost reads it.
+  setting =
+    type: description:
+    mkOption {
+      type = types.nullOr type;
+      default = null;
+      inherit description;
+    };
+  absolutePath = types.addCheck types.str (lib.hasPrefix "/") // {
+    name = "absolutePath";
+    description = "absolute path";
+  };
+  seconds = types.ints.unsigned;
+  settingOptions = {
+    cache = setting cacheUrlType "The cache to upload to (see services.narpost.cache).";
+    secret-key-file = setting secretPath "The signing key (see services.narpost.secretKeyFile).";
+    token-file = setting secretPath "A bearer token for HTTP caches and Attic.";
+    basic-auth-file = setting secretPath "`user:password` for an HTTP cache behind basic auth.";
+    jobs = setting types.ints.positive "Paths prepared and uploaded at once; default: the number of cores.";
+    compression-level = setting (types.ints.between 1 19) "zstd level; default 3.";
+    gc-roots-dir = setting absolutePath "Where queued paths get their GC roots.";
+    drain-timeout = setting seconds "Seconds uploads under way may take after SIGTERM; default 30.";
+    http-timeout = setting seconds "Seconds an HTTP, Attic or ssh connection may make no progress; default 60.";
+    retry-timeout = setting seconds "Seconds `narpost push` retries a failing cache; default 120.";
+    upstream-keys = setting (types.listOf types.str) "Paths signed by these keys are left to upstream; default `[ \"cache.nixos.org-1\" ]`.";
+    upload-logs = setting types.bool "Upload build logs where the cache has room; default true.";
+    max-log-size = setting types.ints.unsigned "Largest build log uploaded, in bytes; default 16 MiB.";
+    priority = setting (types.enum [
+      "idle"
+      "normal"
+    ]) "`idle` (the daemon's default) or `normal`.";
+    metrics-listen = setting types.str "Where to serve Prometheus metrics, e.g. `127.0.0.1:9464`; default off.";
+  };
+
+  # The cache URL schemes narpost knows (src/target/mod.rs from_config).
+  cacheSchemes = [
+    "file://"
+    "http://"
+    "https://"
+    "s3://"
+    "attic+http://"
+    "attic+https://"
+    "ssh://"
+  ];
+  cacheUrlType = types.addCheck types.str (u: lib.any (p: lib.hasPrefix p u) cacheSchemes) // {
+    name = "cacheUrl";
+    description = "cache URL (${lib.concatStringsSep ", " (map (p: "${p}...") cacheSchemes)})";
+  };
+
   # A secret is named by a path string and read by narpost at run time. A Nix path (./key)
   # or a string that refers to one would copy the key into the world-readable store.
   secretPath =
@@ -44,7 +94,8 @@ let
     secret-key-file = cfg.secretKeyFile;
     token-file = cfg.tokenFile;
   };
-  finalSettings = cfg.settings // typed;
+  givenSettings = lib.filterAttrs (_: v: v != null) cfg.settings;
+  finalSettings = givenSettings // typed;
   configFile = settingsFormat.generate "narpost.toml" finalSettings;
 
   # A file:// cache is a directory the daemon writes, outside what ProtectSystem=strict
@@ -56,14 +107,50 @@ let
     else
       null;
   gcRootsDir = finalSettings.gc-roots-dir or defaultGcRootsDir;
+  drainTimeout = finalSettings.drain-timeout or 30;
+
+  # An ssh:// cache runs ssh, which the unit's PATH must hold; its key is a file the daemon
+  # (ssh) opens itself.
+  isSsh = lib.isString cacheUrl && lib.hasPrefix "ssh://" cacheUrl;
+  urlParams =
+    url:
+    let
+      query = lib.concatStringsSep "?" (lib.drop 1 (lib.splitString "?" url));
+      pairs = lib.filter (p: p != "") (lib.splitString "&" query);
+    in
+    lib.listToAttrs (
+      map (
+        p:
+        let
+          kv = lib.splitString "=" p;
+        in
+        lib.nameValuePair (lib.head kv) (lib.concatStringsSep "=" (lib.drop 1 kv))
+      ) pairs
+    );
+  sshKey = if isSsh then (urlParams cacheUrl).ssh-key or null else null;
+
+  # Secrets systemd hands the daemon itself (LoadCredential): read outside the sandbox, so
+  # they may live anywhere root can read, and the daemon reads its copy.
+  credentials = lib.filterAttrs (_: v: v.path != null) {
+    secret-key = {
+      path = finalSettings.secret-key-file or null;
+      env = "NARPOST_KEY_FILE";
+    };
+    token = {
+      path = finalSettings.token-file or null;
+      env = "NARPOST_TOKEN_FILE";
+    };
+    basic-auth = {
+      path = finalSettings.basic-auth-file or null;
+      env = "NARPOST_BASIC_AUTH_FILE";
+    };
+  };
 
   # What the daemon opens itself, which the service's ProtectHome and PrivateTmp would hide
   # from it. (An EnvironmentFile is read by systemd, outside those.)
   daemonOpens = lib.filterAttrs (_: lib.isString) {
-    secret-key-file = finalSettings.secret-key-file or null;
-    token-file = finalSettings.token-file or null;
-    basic-auth-file = finalSettings.basic-auth-file or null;
     "file:// cache" = fileCacheDir;
+    "ssh-key" = sshKey;
   };
   hiddenBy =
     path:
@@ -91,19 +178,28 @@ in
 
     package = mkOption {
       type = types.package;
-      default = pkgs.narpost;
-      defaultText = lib.literalExpression "pkgs.narpost";
-      description = "The narpost package (with the `narpost` overlay applied, `pkgs.narpost`).";
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The narpost package: by default built from this repository with the configuration's own nixpkgs (the flake's module sets the flake's package).";
     };
 
     cache = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr cacheUrlType;
       default = null;
       example = "s3://nix-cache?region=eu-central-1";
       description = ''
         The binary cache to upload to: `file:///dir`, `http(s)://host/path`,
-        `s3://bucket[/prefix]?region=..&endpoint=..` or `attic+http(s)://host/CACHE`.
-        `null` means narpost's default, `file:///var/lib/narpost/cache`.
+        `s3://bucket[/prefix]?region=..&endpoint=..`, `attic+http(s)://host/CACHE`, or
+        `ssh://[user@]host?ssh-key=/path` for a host that serves its own store (nix-serve,
+        harmonia). Required (here or as `settings.cache`): a daemon without one would
+        upload to a directory on this machine that nothing serves. For a cache on this
+        machine, say so: `file:///var/lib/narpost/cache`.
+
+        With `ssh://`, `openssh` is put on the daemon's PATH. The daemon runs with
+        `ProtectHome`, so neither `/root/.ssh/known_hosts` nor `/root/.ssh/config` is seen:
+        pin the host key with `base64-ssh-public-host-key=` in the URL, or declare it in
+        `programs.ssh.knownHosts` (`/etc/ssh/ssh_known_hosts`), and keep the `ssh-key=`
+        file outside `/root` and `/home` (e.g. `/var/lib/narpost-keys/ssh_key`).
       '';
     };
 
@@ -137,7 +233,7 @@ in
     };
 
     settings = mkOption {
-      type = settingsFormat.type;
+      type = types.submodule { options = settingOptions; };
       default = { };
       example = {
         jobs = 4;
@@ -146,10 +242,10 @@ in
         http-timeout = 120;
       };
       description = ''
-        narpost's config file (`/etc/narpost/narpost.toml`), any of its keys: `jobs`,
-        `compression-level`, `drain-timeout`, `http-timeout`, `basic-auth-file`,
-        `gc-roots-dir`, ... `cache`, `secretKeyFile` and `tokenFile`, when set, win over
-        the same keys here.
+        narpost's config file (`/etc/narpost/narpost.toml`): each key narpost's loader
+        knows, typed as narpost reads it, so a misspelt key or a value of the wrong type
+        fails the evaluation instead of the daemon. `cache`, `secretKeyFile` and
+        `tokenFile`, when set, win over the same keys here.
       '';
     };
 
@@ -165,7 +261,13 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = lib.mapAttrsToList (what: path: {
+    assertions = [
+      {
+        assertion = cacheUrl != null;
+        message = "services.narpost.cache is not set: name the binary cache to upload to (for one on this machine, file:///var/lib/narpost/cache).";
+      }
+    ]
+    ++ lib.mapAttrsToList (what: path: {
       assertion = hiddenBy path == null;
       message = "services.narpost: the ${what} ${path} is hidden from the daemon by its ${toString (hiddenBy path)}; keep it elsewhere, e.g. under /var/lib.";
     }) daemonOpens;
@@ -173,7 +275,7 @@ in
     warnings = lib.mapAttrsToList (
       key: value:
       "services.narpost.settings.${key} = ${builtins.toJSON value} is overridden by a typed services.narpost option (${builtins.toJSON typed.${key}})."
-    ) (lib.filterAttrs (key: value: typed.${key} != value) (builtins.intersectAttrs typed cfg.settings));
+    ) (lib.filterAttrs (key: value: typed.${key} != value) (builtins.intersectAttrs typed givenSettings));
 
     environment.etc.${configPath}.source = configFile;
     environment.systemPackages = [ cfg.package ];
@@ -198,7 +300,11 @@ in
       # at boot (nix-gc.service with Persistent=true) should come after that.
       before = [ "nix-gc.service" ];
       wantedBy = [ "multi-user.target" ];
-      environment.NARPOST_STATE_DIR = stateDir;
+      environment = {
+        NARPOST_STATE_DIR = stateDir;
+      }
+      // lib.mapAttrs' (name: c: lib.nameValuePair c.env "%d/${name}") credentials;
+      path = lib.optional isSsh pkgs.openssh;
       restartTriggers = [ configFile ];
 
       serviceConfig = {
@@ -208,8 +314,9 @@ in
         StateDirectoryMode = "0700";
         Restart = "on-failure";
         RestartSec = "5s";
-        # SIGTERM lets uploads under way finish within drain-timeout (default 30 s).
-        TimeoutStopSec = "45s";
+        # SIGTERM lets uploads under way finish within drain-timeout (default 30 s), and
+        # the daemon a little more to write its state and exit.
+        TimeoutStopSec = "${toString (drainTimeout + 15)}s";
         KillSignal = "SIGTERM";
 
         # Uploads never slow a build: the cgroup weight decides the CPU share ("idle" needs
@@ -247,9 +354,20 @@ in
         MemoryDenyWriteExecute = "true";
         SystemCallArchitectures = "native";
         UMask = "0077";
+        # Root without root's powers (see systemd/narpost.service).
+        CapabilityBoundingSet = "CAP_SYS_NICE";
+        SystemCallFilter = "@system-service";
+        SystemCallErrorNumber = "EPERM";
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RemoveIPC = "true";
+        PrivateMounts = "true";
       }
       // lib.optionalAttrs (cfg.environmentFile != null) {
         EnvironmentFile = cfg.environmentFile;
+      }
+      // lib.optionalAttrs (credentials != { }) {
+        LoadCredential = lib.mapAttrsToList (name: c: "${name}:${c.path}") credentials;
       };
     };
   };

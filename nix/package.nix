@@ -5,6 +5,8 @@
   stdenv,
   rustPlatform,
   installShellFiles,
+  # The revision `narpost --version` names (the flake passes its own); null: "unknown".
+  commit ? null,
 }:
 
 let
@@ -14,8 +16,9 @@ rustPlatform.buildRustPackage {
   pname = manifest.name;
   inherit (manifest) version;
 
-  # What cargo needs to build (Cargo.toml declares the benches), and the unit to install;
-  # not the tests, nor the target/ of a local checkout.
+  # What cargo needs to build (Cargo.toml declares the benches), the fixtures the unit tests
+  # of the check phase read, and the unit to install; not the other tests, nor the target/
+  # of a local checkout.
   src = lib.cleanSourceWith {
     name = "narpost-source";
     src = ../.;
@@ -33,9 +36,14 @@ rustPlatform.buildRustPackage {
         "src"
         "benches"
         "systemd"
-      ];
+        "tests/fixtures"
+      ]
+      # The directories on the way to tests/fixtures, for the filter to descend into.
+      || relative == "tests";
   };
   cargoLock.lockFile = ../Cargo.lock;
+
+  env = lib.optionalAttrs (commit != null) { NARPOST_GIT_COMMIT = commit; };
 
   nativeBuildInputs = [ installShellFiles ];
 

@@ -64,6 +64,26 @@ pub enum ConfigError {
     BasicAuth { path: PathBuf },
 }
 
+/// Every key the config file takes, as written there (NixOS's `services.narpost.settings`
+/// declares exactly these; tests keep both lists equal to [`FileConfig`]'s fields).
+pub const FILE_KEYS: &[&str] = &[
+    "cache",
+    "secret-key-file",
+    "jobs",
+    "compression-level",
+    "token-file",
+    "basic-auth-file",
+    "gc-roots-dir",
+    "drain-timeout",
+    "http-timeout",
+    "retry-timeout",
+    "upstream-keys",
+    "upload-logs",
+    "max-log-size",
+    "priority",
+    "metrics-listen",
+];
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct FileConfig {
@@ -479,6 +499,27 @@ mod tests {
         assert_eq!(c.max_log_size, 1000);
         let c = load("upstream-keys = [\"a-1\", \"b-1\"]\n");
         assert_eq!(c.upstream_keys, ["a-1", "b-1"]);
+    }
+
+    #[test]
+    fn file_keys_are_exactly_what_the_loader_takes() {
+        // serde lists the fields it expected when it meets an unknown one.
+        let err = toml::from_str::<FileConfig>("not-a-key = 1")
+            .unwrap_err()
+            .to_string();
+        let listed = err.split_once("expected one of ").expect("a field list").1;
+        let mut known: Vec<&str> = listed
+            .split(',')
+            .map(|f| {
+                f.trim()
+                    .trim_matches(|c: char| c == '`' || c.is_whitespace())
+            })
+            .filter(|f| !f.is_empty())
+            .collect();
+        known.sort();
+        let mut declared = FILE_KEYS.to_vec();
+        declared.sort();
+        assert_eq!(known, declared, "{err}");
     }
 
     #[test]

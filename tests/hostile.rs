@@ -255,10 +255,12 @@ fn an_http_answer_that_stops_after_its_headers_is_a_transient_error_and_the_path
     });
     let url = format!("http://127.0.0.1:{port}");
 
-    // `push`: every attempt ends at the timeout, the retries run out, and the summary says
-    // why in one line.
+    // `push`: every attempt ends at the timeout, the retries run out (retry-timeout), and
+    // the summary says why in one line.
     let measured = run_measured(
-        push_cmd(&env, &url, &key, &path).env("NARPOST_HTTP_TIMEOUT", "2"),
+        push_cmd(&env, &url, &key, &path)
+            .env("NARPOST_HTTP_TIMEOUT", "2")
+            .env("NARPOST_RETRY_TIMEOUT", "6"),
         env.path(),
         Duration::from_secs(90),
     );
@@ -268,7 +270,7 @@ fn an_http_answer_that_stops_after_its_headers_is_a_transient_error_and_the_path
     assert_eq!(status, 1, "{}", measured.stderr);
     assert_one_failure(&measured.stderr, "did not finish its answer");
     eprintln!(
-        "push against a stalled answer: failed after {:.1}s (http-timeout 2s, 5 attempts)",
+        "push against a stalled answer: failed after {:.1}s (http-timeout 2s, retry-timeout 6s)",
         measured.elapsed.as_secs_f64()
     );
     assert!(measured.elapsed < Duration::from_secs(45));
@@ -321,6 +323,7 @@ fn an_attic_answer_that_stops_after_its_headers_fails_the_push_in_bounded_time()
     });
     let mut cmd = env.narpost();
     cmd.env("NARPOST_HTTP_TIMEOUT", "2")
+        .env("NARPOST_RETRY_TIMEOUT", "6")
         .args([
             "push",
             "--to",
@@ -380,7 +383,9 @@ fn endless_attic_answers_are_cut_off_with_bounded_memory() {
             }
         });
         let mut cmd = env.narpost();
+        // A 500 is retried, for retry-timeout.
         cmd.env("NARPOST_HTTP_TIMEOUT", "5")
+            .env("NARPOST_RETRY_TIMEOUT", "3")
             .args([
                 "push",
                 "--to",

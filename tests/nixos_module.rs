@@ -251,12 +251,13 @@ fn enabled_module_hooks_nix_and_runs_the_daemon() {
 #[test]
 fn hook_disabled_leaves_post_build_hook_alone() {
     let e = eval_ok(narpost(
-        json!({ "enable": true, "hook": { "enable": false } }),
+        json!({ "enable": true, "cache": LOCAL, "hook": { "enable": false } }),
     ));
     assert_eq!(e.json["nix"]["settings"], json!({}));
     assert!(e.service().is_object(), "the daemon still runs");
 
-    let mut definitions = narpost(json!({ "enable": true, "hook": { "enable": false } }));
+    let mut definitions =
+        narpost(json!({ "enable": true, "cache": LOCAL, "hook": { "enable": false } }));
     let own_hook = "/etc/nix/upload-to-cache";
     definitions
         .as_array_mut()
@@ -269,7 +270,7 @@ fn hook_disabled_leaves_post_build_hook_alone() {
     );
 
     // With the hook on, a second hook is a conflict NixOS reports, not one silently lost.
-    let mut definitions = narpost(json!({ "enable": true }));
+    let mut definitions = narpost(json!({ "enable": true, "cache": LOCAL }));
     definitions
         .as_array_mut()
         .unwrap()
@@ -280,15 +281,148 @@ fn hook_disabled_leaves_post_build_hook_alone() {
     assert!(err.contains("post-build-hook"), "{err}");
 }
 
+/// The one setting a user must give: with no cache the daemon would fill a directory on
+/// this machine that nothing serves.
+const LOCAL: &str = "file:///var/lib/narpost/cache";
+
 #[test]
-fn defaults_leave_the_config_file_empty() {
-    let e = eval_ok(narpost(json!({ "enable": true })));
-    assert!(e.config_file().is_empty());
+fn a_cache_alone_is_the_whole_config_file_and_none_fails_an_assertion() {
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    let config = e.config_file();
+    assert_eq!(config.len(), 1, "{config:?}");
+    assert_eq!(config["cache"].as_str(), Some(LOCAL));
     assert_eq!(e.json["warnings"], json!([]));
+    assert_eq!(e.json["failedAssertions"], json!([]));
     assert!(
         e.service()["serviceConfig"]
             .get("EnvironmentFile")
             .is_none()
+    );
+
+    let e = eval_ok(narpost(json!({ "enable": true })));
+    let failed = e.json["failedAssertions"].to_string();
+    assert!(
+        failed.contains("services.narpost.cache is not set"),
+        "{failed}"
+    );
+}
+
+#[test]
+fn bad_settings_fail_the_evaluation_naming_the_option() {
+    for (options, option) in [
+        (
+            json!({ "cache": "cahce.example.org" }),
+            "services.narpost.cache",
+        ),
+        (json!({ "cache": "ftp://x" }), "services.narpost.cache"),
+        (
+            json!({ "cache": LOCAL, "settings": { "cahce": "s3://b" } }),
+            "services.narpost.settings.cahce",
+        ),
+        (
+            json!({ "cache": LOCAL, "settings": { "jobs": "four" } }),
+            "services.narpost.settings.jobs",
+        ),
+        (
+            json!({ "settings": { "cache": "nfs://x" } }),
+            "services.narpost.settings.cache",
+        ),
+        (
+            json!({ "cache": LOCAL, "settings": { "priority": "low" } }),
+            "services.narpost.settings.priority",
+        ),
+    ] {
+        let mut options = options;
+        options["enable"] = json!(true);
+        let err = evaluate(narpost(options.clone()))
+            .err()
+            .unwrap_or_else(|| panic!("{options} was accepted"));
+        assert!(err.contains(option), "{options}: {err}");
+    }
+}
+
+#[test]
+fn settings_declare_exactly_the_keys_narposts_loader_takes() {
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    let mut declared: Vec<String> = serde_json::from_value(e.json["settingKeys"].clone()).unwrap();
+    declared.sort();
+    let mut known: Vec<String> = narpost::config::FILE_KEYS
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    known.sort();
+    assert_eq!(declared, known);
+}
+
+#[test]
+fn an_ssh_cache_puts_openssh_on_the_path_and_a_hidden_ssh_key_fails_an_assertion() {
+    let cache = "ssh://nix-ssh@cachehost?ssh-key=/var/lib/narpost-keys/ssh_key&base64-ssh-public-host-key=AAAA";
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": cache })));
+    assert_eq!(e.json["failedAssertions"], json!([]));
+    let path = strs(&e.service()["path"]);
+    assert_eq!(path.len(), 1, "{path:?}");
+    assert!(path[0].ends_with("-openssh-9.9p1"), "{path:?}");
+
+    let hidden = "ssh://nix-ssh@cachehost?ssh-key=/root/.ssh/id_ed25519";
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": hidden })));
+    assert_eq!(
+        e.json["failedAssertions"],
+        json!([
+            "services.narpost: the ssh-key /root/.ssh/id_ed25519 is hidden from the daemon by its \
+             ProtectHome=true; keep it elsewhere, e.g. under /var/lib."
+        ])
+    );
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    assert_eq!(
+        e.service()["path"],
+        json!([]),
+        "no ssh without an ssh:// cache"
+    );
+}
+
+#[test]
+fn the_stop_timeout_follows_drain_timeout() {
+    let stop = |settings: Value| {
+        let e = eval_ok(narpost(
+            json!({ "enable": true, "cache": LOCAL, "settings": settings }),
+        ));
+        e.service()["serviceConfig"]["TimeoutStopSec"].clone()
+    };
+    assert_eq!(stop(json!({})), json!("45s"));
+    assert_eq!(stop(json!({ "drain-timeout": 60 })), json!("75s"));
+}
+
+#[test]
+fn secrets_reach_the_daemon_through_load_credential() {
+    let e = eval_ok(narpost(json!({
+        "enable": true,
+        "cache": "https://cache.example.org",
+        "secretKeyFile": "/root/keys/cache.sec",
+        "tokenFile": "/var/lib/narpost-keys/token",
+        "settings": { "basic-auth-file": "/home/ci/basic" },
+    })));
+    // Read by systemd, outside the sandbox: where they live does not matter.
+    assert_eq!(e.json["failedAssertions"], json!([]));
+    let service = e.service();
+    let mut credentials = strs(&service["serviceConfig"]["LoadCredential"]);
+    credentials.sort();
+    assert_eq!(
+        credentials,
+        [
+            "basic-auth:/home/ci/basic",
+            "secret-key:/root/keys/cache.sec",
+            "token:/var/lib/narpost-keys/token",
+        ]
+    );
+    let env = &service["environment"];
+    assert_eq!(env["NARPOST_KEY_FILE"], json!("%d/secret-key"));
+    assert_eq!(env["NARPOST_TOKEN_FILE"], json!("%d/token"));
+    assert_eq!(env["NARPOST_BASIC_AUTH_FILE"], json!("%d/basic-auth"));
+    // The config file still names the originals, for `narpost status` and the hook.
+    let config = e.config_file();
+    assert_eq!(
+        config["secret-key-file"].as_str(),
+        Some("/root/keys/cache.sec")
     );
 }
 
@@ -330,15 +464,12 @@ fn paths_the_service_would_hide_from_the_daemon_fail_an_assertion() {
     let mut failed: Vec<String> =
         serde_json::from_value(e.json["failedAssertions"].clone()).unwrap();
     failed.sort();
+    // The key and the basic-auth file go through LoadCredential, which systemd reads.
     assert_eq!(
         failed,
         [
-            "services.narpost: the basic-auth-file /root/basic is hidden from the daemon by its \
-             ProtectHome=true; keep it elsewhere, e.g. under /var/lib.",
             "services.narpost: the file:// cache /tmp/cache is hidden from the daemon by its \
-             PrivateTmp=true; keep it elsewhere, e.g. under /var/lib.",
-            "services.narpost: the secret-key-file /home/alice/cache.sec is hidden from the daemon \
-             by its ProtectHome=true; keep it elsewhere, e.g. under /var/lib.",
+          PrivateTmp=true; keep it elsewhere, e.g. under /var/lib."
         ]
     );
     let e = eval_ok(narpost(json!({
@@ -399,9 +530,9 @@ fn unit_file() -> BTreeMap<(String, String), Vec<String>> {
     settings
 }
 
-#[test]
-fn service_matches_the_systemd_unit() {
-    let e = eval_ok(narpost(json!({ "enable": true })));
+/// The unit the module defines, as (section, key) -> values, the way [`unit_file`] reads
+/// systemd/narpost.service (ExecStart's store path put back to `/usr/local`).
+fn module_unit(e: &Evaluated) -> BTreeMap<(String, String), Vec<String>> {
     let service = e.service().as_object().unwrap();
     let pkg = e.package();
     let mut module: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
@@ -427,6 +558,8 @@ fn service_matches_the_systemd_unit() {
             ),
             // NixOS-only: restarts the daemon when its config file changes.
             "restartTriggers" => {}
+            // NixOS-only: openssh for an ssh:// cache.
+            "path" if value == &json!([]) => {}
             "serviceConfig" => {
                 for (key, value) in value.as_object().unwrap() {
                     let mut values = strs(value);
@@ -440,6 +573,13 @@ fn service_matches_the_systemd_unit() {
             other => panic!("services.narpost sets {other}, which no unit setting matches"),
         }
     }
+    module
+}
+
+#[test]
+fn service_matches_the_systemd_unit() {
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    let module = module_unit(&e);
     let unit = unit_file();
     let keys = |m: &BTreeMap<(String, String), Vec<String>>| m.keys().cloned().collect::<Vec<_>>();
     let only_unit: Vec<_> = keys(&unit)
@@ -458,6 +598,87 @@ fn service_matches_the_systemd_unit() {
     for (key, values) in &unit {
         assert_eq!(&module[key], values, "{key:?} differs");
     }
+}
+
+/// The exposure `systemd-analyze security` gives a unit file.
+fn exposure(unit: &Path) -> f64 {
+    let out = common::run(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(unit),
+    );
+    let text = common::stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    let after = line.split(": ").nth(1).unwrap_or_default();
+    after
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn the_unit_is_rated_at_most_2_5_by_systemd_analyze_security() {
+    common::require("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    // The evaluated service, rendered as systemd reads it.
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    let mut text = String::new();
+    for section in ["Unit", "Service", "Install"] {
+        text.push_str(&format!("[{section}]\n"));
+        for ((s, key), values) in module_unit(&e) {
+            if s == section {
+                for v in if key == "CPUWeight" || key == "Environment" {
+                    values.clone()
+                } else {
+                    vec![values.join(" ")]
+                } {
+                    text.push_str(&format!("{key}={v}\n"));
+                }
+            }
+        }
+    }
+    let rendered = dir.path().join("narpost.service");
+    std::fs::write(&rendered, &text).unwrap();
+    let shipped = dir.path().join("shipped").join("narpost.service");
+    std::fs::create_dir(shipped.parent().unwrap()).unwrap();
+    std::fs::copy(Path::new(REPO).join("systemd/narpost.service"), &shipped).unwrap();
+    for unit in [&rendered, &shipped] {
+        let score = exposure(unit);
+        eprintln!("{}: exposure {score}", unit.display());
+        assert!(
+            score <= 2.5,
+            "{}: exposure {score}:\n{text}",
+            unit.display()
+        );
+    }
+}
+
+/// The package's source exactly as its derivation filters it, built and unit-tested the
+/// way its check phase does (`cargo test --lib`, offline), so a file the unit tests read
+/// and the filter leaves out fails here instead of in `nix build`.
+#[test]
+fn the_filtered_package_source_passes_the_check_phase() {
+    let e = instantiate("flake-outputs.nix", &[]).unwrap_or_else(|err| panic!("{err}"));
+    let src = in_store(&e, e.json["overlay"]["src"].as_str().unwrap());
+    let build = tempfile::tempdir().unwrap();
+    common::run(
+        Command::new("cp")
+            .arg("-r")
+            .arg(src.join("."))
+            .arg(build.path()),
+    );
+    common::run(Command::new("chmod").args(["-R", "u+w"]).arg(build.path()));
+    // The checkout's own target directory: the dependencies are built already.
+    common::run(
+        Command::new(env!("CARGO"))
+            .args(["test", "--lib", "--offline", "--quiet"])
+            .current_dir(build.path())
+            .env("CARGO_TARGET_DIR", Path::new(REPO).join("target")),
+    );
 }
 
 #[test]
@@ -497,7 +718,7 @@ fn every_nix_file_parses() {
 fn flake_module_brings_the_package_through_the_overlay() {
     let case = json!({
         "viaFlake": true,
-        "definitions": narpost(json!({ "enable": true })),
+        "definitions": narpost(json!({ "enable": true, "cache": LOCAL })),
     })
     .to_string();
     let e = instantiate("eval.nix", &[("caseJson", &case)])
@@ -551,10 +772,14 @@ fn flake_packages_both_systems_from_the_repository() {
         );
     }
     assert_eq!(
-        e.json["moduleImports"],
+        e.json["module"]["imports"],
         json!([Path::new(REPO).join("nix/module.nix")])
     );
-    assert_eq!(e.json["moduleOverlays"], json!(1));
+    assert_eq!(e.json["module"]["setsNixpkgs"], json!(false));
+    assert_eq!(
+        e.json["module"]["package"],
+        json!("narpost-0.1.0-x86_64-linux")
+    );
 }
 
 /// The store path the evaluation copied `path` (a /nix/store/... name) to.
@@ -571,12 +796,25 @@ fn package_source_holds_what_cargo_and_the_install_need() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     top.sort();
-    let mut expected = vec!["Cargo.lock", "Cargo.toml", "benches", "src", "systemd"];
+    let mut expected = vec![
+        "Cargo.lock",
+        "Cargo.toml",
+        "benches",
+        "src",
+        "systemd",
+        "tests",
+    ];
     if Path::new(REPO).join("build.rs").exists() {
         expected.push("build.rs");
     }
     expected.sort();
     assert_eq!(top, expected);
+    // Of the tests, only the fixtures the unit tests read.
+    let tests: Vec<_> = std::fs::read_dir(src.join("tests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(tests, ["fixtures"]);
     // Every target Cargo.toml declares or cargo finds is in the source.
     let scratch = tempfile::tempdir().unwrap();
     let out = common::run(

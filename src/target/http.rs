@@ -32,7 +32,9 @@
 //! redirects is better named by the URL it redirects to.
 //!
 //! Status mapping: connection failures, timeouts, `5xx`, `408` and `429` are transient;
-//! `401`/`403` are authentication errors; any other answer is permanent.
+//! `401`/`403` are authentication errors; any other answer is permanent, which means a push
+//! does not retry it, each with a hint at the server setting to fix (a 413 is nginx's
+//! `client_max_body_size`); the daemon keeps the path queued until it is fixed.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -668,6 +670,12 @@ fn status_error(url: &Url, response: &Response) -> TargetError {
             .with_hint("the server does not take PUT here; enable uploads (nginx: dav_methods PUT)"),
         413 => TargetError::permanent(message)
             .with_hint("raise the server's upload limit (nginx: client_max_body_size 0)"),
+        404 => TargetError::permanent(message).with_hint(
+            "check the cache URL; a WebDAV server may also need create_full_put_path on (nginx)",
+        ),
+        409 => TargetError::permanent(message).with_hint(
+            "the server has no directory to put this in; create it, or let the server create it (nginx: create_full_put_path on)",
+        ),
         _ => TargetError::permanent(message),
     }
 }

@@ -47,7 +47,15 @@ let
   c = evaluated.config;
 in
 {
-  inherit (c) systemd nix warnings;
+  inherit (c) nix warnings;
+  systemd = {
+    inherit (c.systemd) tmpfiles;
+    services = lib.mapAttrs (
+      _: service:
+      service
+      // lib.optionalAttrs (service ? path) { path = map (p: p.outPath) service.path; }
+    ) c.systemd.services;
+  };
   environment = {
     systemPackages = map (p: p.outPath) c.environment.systemPackages;
     etc = lib.mapAttrs (_: e: {
@@ -57,4 +65,8 @@ in
   };
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
   packageOutPath = c.services.narpost.package.outPath;
+  # The keys services.narpost.settings declares.
+  settingKeys = lib.filter (k: !lib.hasPrefix "_" k) (
+    lib.attrNames (evaluated.options.services.narpost.settings.type.getSubOptions [ ])
+  );
 }

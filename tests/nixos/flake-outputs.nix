@@ -52,6 +52,17 @@ in
     system = "aarch64-linux";
     overlays = [ flake.overlays.default ];
   }).narpost;
-  moduleImports = map toString flake.nixosModules.default.imports;
-  moduleOverlays = builtins.length flake.nixosModules.default.nixpkgs.overlays;
+  module =
+    let
+      m = flake.nixosModules.default {
+        inherit lib;
+        pkgs = stubs.pkgsFor { system = "x86_64-linux"; };
+      };
+    in
+    {
+      imports = map toString m.imports;
+      # An overlay would clash with nixpkgs.pkgs and readOnlyPkgs.
+      setsNixpkgs = m ? nixpkgs;
+      package = m.services.narpost.package.content.name;
+    };
 }

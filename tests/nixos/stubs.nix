@@ -107,6 +107,7 @@ let
             buildPlatform.canExecute = platform: platform.system == system;
           };
           installShellFiles = fakePackage "install-shell-files";
+          openssh = fakePackage "openssh-9.9p1";
           rustPlatform.buildRustPackage =
             args: fakePackage "${args.pname}-${args.version}-${system}" // { inherit args; };
         }
