@@ -290,7 +290,9 @@ fn failed_push(
 ) -> String {
     let mut cmd = env.narpost();
     if let Some(seconds) = http_timeout {
-        cmd.env("NARPOST_HTTP_TIMEOUT", seconds);
+        // A hung or failing cache is retried for retry-timeout: a few seconds of it here.
+        cmd.env("NARPOST_HTTP_TIMEOUT", seconds)
+            .env("NARPOST_RETRY_TIMEOUT", "4");
     }
     cmd.args(["push", "--to", url, "--key"]).arg(key).arg(path);
     let out = cmd.output().expect("run narpost");
