@@ -972,3 +972,43 @@ fn readme_nixos_example_evaluates_to_a_builder_and_its_consumers() {
         }
     }
 }
+
+/// flake.lock pins flake.nix's one input as Nix writes a lock (version 7): its `original` is
+/// exactly the input's URL, so Nix takes the lock as it is instead of locking again, and the
+/// pin is a full revision with a narHash.
+#[test]
+fn flake_lock_pins_the_nixpkgs_input_flake_nix_names() {
+    let lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(REPO).join("flake.lock")).unwrap())
+            .unwrap();
+    assert_eq!(lock["version"], json!(7));
+    assert_eq!(
+        lock["nodes"]["root"]["inputs"],
+        json!({ "nixpkgs": "nixpkgs" })
+    );
+    let node = &lock["nodes"]["nixpkgs"];
+    let original = &node["original"];
+    let flake = std::fs::read_to_string(Path::new(REPO).join("flake.nix")).unwrap();
+    let url = format!(
+        "github:{}/{}/{}",
+        original["owner"].as_str().unwrap(),
+        original["repo"].as_str().unwrap(),
+        original["ref"].as_str().unwrap()
+    );
+    assert!(
+        flake.contains(&format!("inputs.nixpkgs.url = \"{url}\";")),
+        "flake.nix's input is not {url}"
+    );
+    let locked = &node["locked"];
+    let rev = locked["rev"].as_str().unwrap();
+    assert!(
+        rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{rev}"
+    );
+    let nar_hash = locked["narHash"].as_str().unwrap();
+    assert!(
+        nar_hash.starts_with("sha256-") && nar_hash.len() == 51,
+        "{nar_hash}"
+    );
+    assert_eq!(locked["type"], original["type"]);
+}
