@@ -611,3 +611,52 @@ fn the_test_server_refuses_what_attic_refuses() {
     let forms: Vec<Form> = server.uploads().iter().map(|u| u.form).collect();
     assert_eq!(forms, vec![Form::Header, Form::Preamble]);
 }
+
+/// `narpost check` reads an Attic cache back through the binary cache it serves: a pushed
+/// closure is sound, a path never pushed is named, and without paths it says the cache
+/// cannot be listed.
+#[test]
+fn check_reads_the_served_cache_back() {
+    let env = Env::new();
+    let server = AtticServer::start(vec![CacheSpec::new("main")], &[("conf", &[("main", PUSH)])]);
+    let (config, _) = attic_config(&env, &server, "conf");
+    let (top, _) = build_rich_closure(&env);
+    let narpost = |args: &[&str]| {
+        env.narpost()
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("run narpost")
+    };
+    let top_abs = top.to_absolute();
+    assert!(narpost(&["push", &top_abs]).status.success());
+    let sound = narpost(&["check", &top_abs]);
+    assert!(
+        sound.status.success(),
+        "{}\n{}",
+        stdout(&sound),
+        stderr(&sound)
+    );
+    assert!(stderr(&sound).contains("all sound"), "{}", stderr(&sound));
+
+    let expr = format!(
+        "{}mk \"narpost-attic-unpushed\" \"echo x > $out\"\n",
+        nix_prelude(&nonce())
+    );
+    let unpushed = nix_build(&env.write_nix("unpushed.nix", &expr), &[], &[]).remove(0);
+    let missing = narpost(&["check", &unpushed.to_absolute()]);
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    assert!(
+        stdout(&missing).contains(&format!("{}: not in the cache", unpushed.to_absolute())),
+        "{}",
+        stdout(&missing)
+    );
+    let unlisted = narpost(&["check"]);
+    assert_eq!(unlisted.status.code(), Some(2), "{}", stderr(&unlisted));
+    assert!(
+        stderr(&unlisted).contains("cannot be listed"),
+        "{}",
+        stderr(&unlisted)
+    );
+}
