@@ -8,6 +8,13 @@
 //! worker per core per path piling up buffers. Workers run 1 MiB jobs: zstd's default (four
 //! windows per worker, plus as many queued) costs tens of MiB per encoder for no measurable
 //! gain in ratio.
+//!
+//! The bytes depend only on the NAR and the level, never on how many compressions run at
+//! once: a frame of [`MULTITHREAD_MIN`] or more is always compressed in zstd's
+//! multithreaded mode (with one worker when the cores are taken), whose output is the same
+//! for any number of workers at a fixed job size; a smaller frame always in-thread. So any
+//! number of machines pushing one closure into one bucket write the same objects under the
+//! same `FileHash` names, instead of one NAR file per way it happened to be compressed.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,24 +61,9 @@ impl<W: Write> FramedZstd<W> {
     }
 
     fn start_frame(&self, inner: W) -> io::Result<zstd::Encoder<'static, W>> {
-        let mut encoder = zstd::Encoder::new(inner, self.level)?;
-        encoder.include_checksum(false)?;
-        let frame = self.remaining.min(FRAME_BYTES);
-        if frame >= MULTITHREAD_MIN {
-            let active = ACTIVE.load(Ordering::SeqCst).max(1);
-            let workers = (self.cores / active).max(1);
-            // Without worker support in the library, the frame is compressed in-thread.
-            if workers > 1 && encoder.multithread(workers as u32).is_ok() {
-                encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
-            }
-        }
-        // A hint, not a pledge: with a pledge a store path whose size changed since Nix
-        // recorded it would fail inside zstd, before the NarHash check can name the problem.
-        if self.remaining > 0 {
-            let hint = u32::try_from(frame).unwrap_or(u32::MAX);
-            encoder.set_parameter(zstd::zstd_safe::CParameter::SrcSizeHint(hint))?;
-        }
-        Ok(encoder)
+        let active = ACTIVE.load(Ordering::SeqCst).max(1);
+        let workers = (self.cores / active).max(1);
+        frame_encoder(inner, self.level, self.remaining, workers)
     }
 
     fn encoder(&mut self) -> io::Result<&mut zstd::Encoder<'static, W>> {
@@ -88,6 +80,35 @@ impl<W: Write> FramedZstd<W> {
             .ok_or_else(|| io::Error::other("zstd writer used after an error"))?;
         encoder.finish()
     }
+}
+
+/// The encoder for the next frame, `remaining` bytes of input still expected (0: unknown)
+/// and `workers` threads to spare. Only the frame's size decides the mode (see the module
+/// doc); `workers` changes the speed, never the bytes.
+fn frame_encoder<W: Write>(
+    inner: W,
+    level: i32,
+    remaining: u64,
+    workers: usize,
+) -> io::Result<zstd::Encoder<'static, W>> {
+    let mut encoder = zstd::Encoder::new(inner, level)?;
+    encoder.include_checksum(false)?;
+    let frame = remaining.min(FRAME_BYTES);
+    // An unknown size counts as a large frame, so the mode still depends on the input alone.
+    if remaining == 0 || frame >= MULTITHREAD_MIN {
+        // Without worker support in the library every frame is compressed in-thread, which
+        // is deterministic too.
+        if encoder.multithread(workers as u32).is_ok() {
+            encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
+        }
+    }
+    // A hint, not a pledge: with a pledge a store path whose size changed since Nix
+    // recorded it would fail inside zstd, before the NarHash check can name the problem.
+    if remaining > 0 {
+        let hint = u32::try_from(frame).unwrap_or(u32::MAX);
+        encoder.set_parameter(zstd::zstd_safe::CParameter::SrcSizeHint(hint))?;
+    }
+    Ok(encoder)
 }
 
 impl<W: Write> Write for FramedZstd<W> {
@@ -143,6 +164,26 @@ mod tests {
             w.write_all(chunk).expect("write");
         }
         w.finish().expect("finish")
+    }
+
+    #[test]
+    fn the_bytes_do_not_depend_on_the_number_of_workers() {
+        let data = sample(9 << 20);
+        let with = |workers: usize| {
+            let mut e = frame_encoder(Vec::new(), 3, data.len() as u64, workers).expect("encoder");
+            for chunk in data.chunks(65_537) {
+                e.write_all(chunk).expect("write");
+            }
+            e.finish().expect("finish")
+        };
+        let one = with(1);
+        assert_eq!(one, with(2));
+        assert_eq!(one, with(7));
+        // And whatever else compresses at the same time.
+        let busy = FramedZstd::new(Vec::new(), 3, 1).expect("another compression");
+        assert_eq!(compress(&data, data.len() as u64), one);
+        drop(busy);
+        assert_eq!(compress(&data, data.len() as u64), one);
     }
 
     #[test]

@@ -561,3 +561,55 @@ fn upstream_signed_paths_are_left_upstream_and_the_closure_still_substitutes() {
     assert!(all.has(&mid));
     all.assert_complete();
 }
+
+/// A path's compressed bytes depend on its NAR and the level alone: pushes with different
+/// `jobs` write the same NAR files, and pushes racing into one cache leave one NAR per path,
+/// not one per way it happened to be compressed.
+#[test]
+fn nar_files_are_the_same_whatever_the_concurrency() {
+    let env = Env::new();
+    let (key, _) = env.keygen("same-bytes-1");
+    // Two paths big enough for zstd's workers (4 MiB and up), and the rich closure.
+    let expr = format!(
+        r#"{}rec {{
+  a = mk "narpost-same-a" "mkdir $out; head -c 9000000 /dev/urandom | od -An -tx1 > $out/a";
+  b = mk "narpost-same-b" "mkdir $out; head -c 3000000 /dev/urandom | od -An -tx1 > $out/b; echo ${{a}} > $out/ref";
+}}
+"#,
+        nix_prelude(&nonce())
+    );
+    let file = env.write_nix("same.nix", &expr);
+    let top = nix_build(&file, &["b"], &[]).remove(0);
+    let closure = nix_closure(std::slice::from_ref(&top));
+    let nar_names = |dir: &std::path::Path| -> std::collections::BTreeSet<String> {
+        fs::read_dir(dir.join("nar"))
+            .expect("nar/")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    let push = |cache: &std::path::Path, jobs: &str| {
+        let url = format!("file://{}", cache.display());
+        push_cmd(&env, &url, &key, &top)
+            .args(["--jobs", jobs])
+            .spawn()
+            .expect("start push")
+    };
+    let one = env.path().join("one");
+    let four = env.path().join("four");
+    for (dir, jobs) in [(&one, "1"), (&four, "4")] {
+        let status = push(dir, jobs).wait().expect("wait for push");
+        assert!(status.success());
+    }
+    assert_eq!(nar_names(&one), nar_names(&four));
+    assert_eq!(nar_names(&one).len(), closure.len());
+
+    // Three pushes at once into one cache.
+    let shared = env.path().join("shared");
+    let racing: Vec<_> = ["1", "2", "4"].iter().map(|j| push(&shared, j)).collect();
+    for mut p in racing {
+        assert!(p.wait().expect("wait for push").success());
+    }
+    assert_eq!(nar_names(&shared), nar_names(&one));
+    CacheDir::new(&shared).assert_complete();
+}
