@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::cache::{self, NarFormat};
 use crate::config::Config;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::pipeline::{Options, Pipeline, RetryPolicy};
 use crate::store::Store;
-use crate::target::{self, NarFormat};
 
 /// The signing key the configuration names, or the embedded default (created on first use,
 /// announced on stderr). A cache that signs itself (Attic) needs none.
@@ -43,7 +43,7 @@ pub fn pipeline_spooling_in(
     retry: RetryPolicy,
     spool_dir: PathBuf,
 ) -> anyhow::Result<Pipeline> {
-    let target = target::from_config(cfg).map_err(crate::error::from_target)?;
+    let target = cache::from_config(cfg).map_err(crate::error::from_target)?;
     let key = signing_key(cfg, target.signs_itself())?;
     if matches!(target.nar_format(), NarFormat::Zstd { .. }) && target.spool_dir().is_none() {
         check_spool_dir(&spool_dir)?;

@@ -18,6 +18,10 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+/// `max-log-size`'s default: larger logs are skipped (and reported), since each is held in
+/// memory while it goes up.
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 16 << 20;
+
 use crate::format::store_path::{STORE_DIR, StorePath};
 
 /// `$NIX_LOG_DIR`, or Nix's default.

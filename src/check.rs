@@ -28,6 +28,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{DynTarget, MAX_NARINFO, TargetError, object_key};
 use crate::config::Config;
 use crate::format::narinfo::NarInfo;
 use crate::format::signing::PublicKey;
@@ -35,7 +36,6 @@ use crate::format::store_path::StorePath;
 use crate::pipeline::{Pipeline, RetryPolicy, signed_by_any};
 use crate::progress::count;
 use crate::store::PathInfo;
-use crate::target::{DynTarget, MAX_NARINFO, TargetError, object_key};
 use crate::text::printable;
 
 /// Narinfos checked at once: reads are latency-bound, the servers small.

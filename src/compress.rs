@@ -10,7 +10,7 @@
 //! gain in ratio.
 //!
 //! The bytes depend only on the NAR and the level, never on how many compressions run at
-//! once: a frame of [`MULTITHREAD_MIN`] or more is always compressed in zstd's
+//! once: a frame of 4 MiB or more is always compressed in zstd's
 //! multithreaded mode (with one worker when the cores are taken), whose output is the same
 //! for any number of workers at a fixed job size; a smaller frame always in-thread. So any
 //! number of machines pushing one closure into one bucket write the same objects under the

@@ -150,7 +150,7 @@ pub struct Config {
 
 /// Paths substituted from the official cache are not pushed again unless configured so.
 pub const DEFAULT_UPSTREAM_KEYS: &[&str] = &["cache.nixos.org-1"];
-pub const DEFAULT_MAX_LOG_SIZE: u64 = 16 << 20;
+pub use crate::buildlog::DEFAULT_MAX_LOG_SIZE;
 /// `retry-timeout`'s default: two minutes rides out a restart of the cache server or a
 /// burst of throttling, and still ends a push against a cache that is gone.
 pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 120;
@@ -257,27 +257,20 @@ impl Config {
             })?),
             None => file.priority,
         };
-        let metrics_listen =
-            match env("NARPOST_METRICS_LISTEN") {
-                Some(v) => {
-                    Some(
-                        crate::metrics::parse_listen(&v).map_err(|reason| ConfigError::Env {
-                            var: "NARPOST_METRICS_LISTEN",
-                            value: v.clone(),
-                            reason,
-                        })?,
-                    )
-                }
-                None => match file.metrics_listen {
-                    Some(v) => Some(crate::metrics::parse_listen(&v).map_err(|reason| {
-                        ConfigError::Parse {
-                            path: config_file.clone().unwrap_or_default(),
-                            message: format!("metrics-listen = {v:?}: {reason}"),
-                        }
-                    })?),
-                    None => None,
-                },
-            };
+        let metrics_listen = match env("NARPOST_METRICS_LISTEN") {
+            Some(v) => Some(parse_listen(&v).map_err(|reason| ConfigError::Env {
+                var: "NARPOST_METRICS_LISTEN",
+                value: v.clone(),
+                reason,
+            })?),
+            None => match file.metrics_listen {
+                Some(v) => Some(parse_listen(&v).map_err(|reason| ConfigError::Parse {
+                    path: config_file.clone().unwrap_or_default(),
+                    message: format!("metrics-listen = {v:?}: {reason}"),
+                })?),
+                None => None,
+            },
+        };
         Ok(Config {
             upstream_keys,
             upload_logs,
@@ -409,6 +402,13 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
         source,
     })?;
     Ok(s.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// `metrics-listen`'s value, or an error naming it.
+pub fn parse_listen(value: &str) -> Result<std::net::SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| "expected an address and port such as 127.0.0.1:9464".to_string())
 }
 
 #[cfg(test)]

@@ -8,12 +8,13 @@
 //! - [`buildlog`]: where Nix keeps build logs on this machine, and reading one for a cache.
 //! - [`dump`]: serializes a store path on disk into a NAR through [`format::nar`].
 //! - [`store`]: path metadata and closures from the local Nix store's database.
-//! - [`target`]: the cache side: a small trait and its `file://`, HTTP, S3, Attic and ssh implementations.
+//! - [`cache`]: the cache side: the [`cache::Target`] trait and its `file://`, HTTP, S3, Attic and ssh implementations.
 //! - [`compress`]: zstd in frames whose worker count follows the other compressions running.
 //! - [`pipeline`]: the one upload pipeline: plan (closure, missing, order), then execute.
 //! - [`config`]: file < environment < flags, resolved into one [`config::Config`]; embedded defaults.
 //! - [`keys`]: loading the signing key, generating the embedded default key.
 //! - [`queue`]: the durable on-disk queue of paths waiting for upload.
+//! - [`drain_state`]: what the drainer publishes for `status`, the metrics and the watchers.
 //! - [`private_dir`]: the state directory and its files, refused when someone else could steer writes to them.
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
@@ -29,12 +30,14 @@
 
 pub mod app;
 pub mod buildlog;
+pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod cli_docs;
 pub mod compress;
 pub mod config;
 pub mod daemon;
+pub mod drain_state;
 pub mod dump;
 pub mod error;
 pub mod failed_builds;
@@ -50,6 +53,6 @@ pub mod queue;
 pub mod setup;
 pub mod status;
 pub mod store;
-pub mod target;
+
 pub mod text;
 pub mod watch;

@@ -101,8 +101,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let result = rt.block_on(async {
                 narpost::priority::restore_on_stop_signal()?;
-                narpost::metrics::serve(&cfg).await?;
-                narpost::daemon::run_daemon(cfg).await
+                let (metrics, _serving) = serve_metrics(&cfg).await?;
+                narpost::daemon::run_daemon(cfg, metrics).await
             });
             // A NAR still being compressed on a blocking thread must not hold the exit past
             // the drain timeout; its spool file is removed at the next start.
@@ -122,8 +122,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let result = rt.block_on(async {
                 narpost::priority::restore_on_stop_signal()?;
-                narpost::metrics::serve(&cfg).await?;
-                narpost::watch::watch_store(cfg, opts).await
+                let (metrics, _serving) = serve_metrics(&cfg).await?;
+                narpost::watch::watch_store(cfg, opts, metrics).await
             });
             // As for the daemon: a compression still running must not outlast the deadline.
             rt.shutdown_background();
@@ -145,10 +145,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             narpost::priority::enter(cfg.priority.unwrap_or(Priority::Idle), Some(&command));
             let rt = runtime()?;
             let result = rt.block_on(async {
-                narpost::metrics::serve(&cfg)
+                let (metrics, _serving) = serve_metrics(&cfg)
                     .await
                     .context("the command was not run")?;
-                narpost::watch::watch_exec(cfg, opts, command).await
+                narpost::watch::watch_exec(cfg, opts, command, metrics).await
             });
             rt.shutdown_background();
             Ok(ExitCode::from(result?))
@@ -214,6 +214,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The drainer's metrics, and their server where `metrics-listen` says; the server stops
+/// when the guard is dropped, with the drain.
+async fn serve_metrics(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<narpost::metrics::Metrics>, tokio_util::sync::DropGuard)> {
+    let metrics = narpost::metrics::Metrics::new();
+    let stop = CancellationToken::new();
+    narpost::metrics::serve(cfg, metrics.clone(), stop.clone()).await?;
+    Ok((metrics, stop.drop_guard()))
 }
 
 async fn push(

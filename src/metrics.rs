@@ -14,8 +14,8 @@
 //! and in a few KiB, and only a few connections are served at once.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,6 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::pipeline::{Event, Report};
@@ -52,7 +53,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    /// The drainer's metrics, counted whether or not anyone scrapes them; `main` makes one
+    /// and hands it to the drainer and to the server.
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::registered())
+    }
+
+    fn registered() -> Metrics {
         let mut registry = Registry::with_prefix("narpost");
         let m = Metrics {
             queue_depth: Gauge::default(),
@@ -122,63 +129,64 @@ impl Metrics {
         }
     }
 
-    /// Refreshes the gauges from what `status` reads, then encodes everything.
-    fn render(&self, cfg: &Config) -> anyhow::Result<String> {
-        let status = crate::status::collect(cfg)?;
-        self.queue_depth.set(status.queue_depth as i64);
+    /// Refreshes the gauges from what `status` reads (the queue directory and the drain
+    /// state this process publishes), then encodes everything.
+    fn render(&self, state_dir: &Path) -> anyhow::Result<String> {
+        let queue = crate::queue::Queue::open(state_dir)?;
+        self.queue_depth.set(queue.depth()? as i64);
         self.oldest_age
-            .set(status.oldest_entry_age_secs.unwrap_or(0) as i64);
-        self.cache_up
-            .set(i64::from(status.cache_down_since.is_none()));
+            .set(queue.oldest_age()?.map(|d| d.as_secs() as i64).unwrap_or(0));
+        let down =
+            crate::drain_state::read(state_dir).is_some_and(|s| s.cache_down_since.is_some());
+        self.cache_up.set(i64::from(!down));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
-}
 
-static METRICS: OnceLock<Metrics> = OnceLock::new();
-
-/// The process's metrics (recorded whether or not anyone scrapes them).
-pub fn global() -> &'static Metrics {
-    METRICS.get_or_init(Metrics::new)
-}
-
-/// A sender for the drainer's pipeline events; they are counted by a task of their own.
-/// Call from within the runtime.
-pub fn events() -> mpsc::UnboundedSender<Event> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let m = global();
-        let mut started: HashMap<crate::format::store_path::StorePath, Instant> = HashMap::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Started { path, .. } => {
-                    started.insert(path, Instant::now());
-                }
-                Event::Pushed {
-                    path, file_size, ..
-                } => {
-                    m.paths_pushed.inc();
-                    m.bytes_pushed.inc_by(file_size);
-                    if let Some(at) = started.remove(&path) {
-                        m.duration.observe(at.elapsed().as_secs_f64());
+    /// A sender for the drainer's pipeline events; they are counted by a task of their own,
+    /// which ends when the sender is dropped. Call from within the runtime.
+    pub fn events(self: &Arc<Self>) -> mpsc::UnboundedSender<Event> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let m = self.clone();
+        tokio::spawn(async move {
+            let mut started: HashMap<crate::format::store_path::StorePath, Instant> =
+                HashMap::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Started { path, .. } => {
+                        started.insert(path, Instant::now());
                     }
+                    Event::Pushed {
+                        path, file_size, ..
+                    } => {
+                        m.paths_pushed.inc();
+                        m.bytes_pushed.inc_by(file_size);
+                        if let Some(at) = started.remove(&path) {
+                            m.duration.observe(at.elapsed().as_secs_f64());
+                        }
+                    }
+                    Event::Failed { path, .. } => {
+                        started.remove(&path);
+                    }
+                    Event::Retrying { .. } => {
+                        m.retries.inc();
+                    }
+                    _ => {}
                 }
-                Event::Failed { path, .. } => {
-                    started.remove(&path);
-                }
-                Event::Retrying { .. } => {
-                    m.retries.inc();
-                }
-                _ => {}
             }
-        }
-    });
-    tx
+        });
+        tx
+    }
 }
 
-/// Starts serving `/metrics` if `metrics-listen` is set. Call from within the runtime.
-pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
+/// Starts serving `/metrics` if `metrics-listen` is set, until `stop` fires. Call from
+/// within the runtime.
+pub async fn serve(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let Some(addr) = cfg.metrics_listen else {
         return Ok(());
     };
@@ -186,7 +194,7 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("metrics-listen = {addr}: cannot listen"))?;
     tracing::info!("serving metrics at http://{addr}/metrics");
-    let cfg = Arc::new(cfg.clone());
+    let state_dir: Arc<Path> = Arc::from(cfg.state_dir.as_path());
     tokio::spawn(async move {
         // Every connection is accepted at once: a scrape must get through even while
         // clients that never finish their request hold every place. At the bound, the
@@ -195,7 +203,11 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
         let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
             std::collections::VecDeque::new();
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::debug!("metrics: accept failed: {e}");
@@ -209,11 +221,13 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
                     oldest.abort();
                 }
             }
-            let cfg = cfg.clone();
+            let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
             let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let cfg = cfg.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(req, cfg).await) }
+                    let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(respond(req, state_dir, metrics).await)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -225,6 +239,9 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
             });
             open.push_back(task.abort_handle());
         }
+        for connection in open {
+            connection.abort();
+        }
     });
     Ok(())
 }
@@ -233,7 +250,8 @@ type Body = http_body_util::Full<bytes::Bytes>;
 
 async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
-    cfg: Arc<Config>,
+    state_dir: Arc<Path>,
+    metrics: Arc<Metrics>,
 ) -> hyper::Response<Body> {
     let reply = |status: u16, ctype: &str, body: String| {
         hyper::Response::builder()
@@ -249,7 +267,7 @@ async fn respond(
         return reply(405, "text/plain", "GET only\n".into());
     }
     // Reading the queue touches the disk.
-    match tokio::task::spawn_blocking(move || global().render(&cfg)).await {
+    match tokio::task::spawn_blocking(move || metrics.render(&state_dir)).await {
         Ok(Ok(text)) => reply(
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -258,11 +276,4 @@ async fn respond(
         Ok(Err(e)) => reply(500, "text/plain", format!("{e:#}\n")),
         Err(e) => reply(500, "text/plain", format!("{e}\n")),
     }
-}
-
-/// `metrics-listen`'s value, or an error naming it.
-pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
-    value
-        .parse()
-        .map_err(|_| "expected an address and port such as 127.0.0.1:9464".to_string())
 }

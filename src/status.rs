@@ -9,7 +9,8 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::daemon::{DrainLock, DrainState, STATE_FILE};
+use crate::daemon::DrainLock;
+use crate::drain_state::DrainState;
 use crate::progress::count;
 use crate::queue::Queue;
 use crate::text::printable;
@@ -55,10 +56,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
     let queue = Queue::open(&cfg.state_dir)?;
     // Read without following links and with a bound, like everything in the state directory.
     let dir = crate::private_dir::PrivateDir::open(&cfg.state_dir)?;
-    let state: Option<DrainState> = dir
-        .read(STATE_FILE, 1 << 20)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let state: Option<DrainState> = crate::drain_state::read(&cfg.state_dir);
     let configured_key = || match &cfg.key_file {
         Some(p) => crate::keys::load_signing_key(p)
             .ok()
@@ -72,7 +70,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
         Some(s) => (s.cache.clone(), s.public_key.clone()),
         // The drainer publishes the URL without credentials; the configured one may hold a
         // password (`http://user:secret@host`).
-        None => (crate::target::http::redact(&cfg.cache), configured_key()),
+        None => (crate::cache::http::redact(&cfg.cache), configured_key()),
     };
     let running = DrainLock::is_held(&cfg.state_dir);
     let failed = queue

@@ -35,8 +35,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::daemon::{DrainLock, DrainState, Drainer, STATE_FILE, Totals, watch_dir};
+use crate::daemon::{DrainLock, Drainer, Totals, watch_dir};
 use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::metrics::Metrics;
 use crate::progress::count;
 use crate::queue::{GcRoots, Queue};
 use crate::store::Store;
@@ -353,8 +354,9 @@ async fn setup(
     cfg: &Config,
     opts: WatchOptions,
     lock: DrainLock,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<(DrainLock, Drainer, Arc<Mutex<Finder>>)> {
-    let drainer = Drainer::new(cfg)?;
+    let drainer = Drainer::new(cfg, metrics)?;
     let store = Arc::new(Store::open_default()?);
     let queue = drainer.queue().clone();
     let roots = drainer.roots().clone();
@@ -448,10 +450,7 @@ fn print_summary(
     failed_build_logs: u64,
 ) {
     // Like `status`: never through a link, never more than a status file's worth.
-    let state: Option<DrainState> = crate::private_dir::PrivateDir::open(&cfg.state_dir)
-        .ok()
-        .and_then(|dir| dir.read(STATE_FILE, 1 << 20).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let state = crate::drain_state::read(&cfg.state_dir);
     let (pushed, already_cached, upstream, logs) = match (totals, &state) {
         (Some(t), _) => (t.pushed, t.already_cached, t.left_upstream, t.logs_uploaded),
         (None, Some(s)) => (s.pushed, s.already_cached, s.left_upstream, s.logs_uploaded),
@@ -537,10 +536,14 @@ fn failed_count(queue: &Queue) -> usize {
     queue.failed().map(|f| f.len()).unwrap_or(0)
 }
 
-pub async fn watch_store(cfg: Config, opts: WatchOptions) -> anyhow::Result<()> {
+pub async fn watch_store(
+    cfg: Config,
+    opts: WatchOptions,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     let lock = DrainLock::acquire(&cfg.state_dir).await?;
-    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock).await?;
+    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock, metrics).await?;
     let failed_before = failed_count(drainer.queue());
     let find_stop = CancellationToken::new();
     let finding = tokio::spawn(find_loop(finder, find_stop.clone()));
@@ -675,6 +678,7 @@ pub async fn watch_exec(
     cfg: Config,
     opts: WatchOptions,
     command: Vec<String>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<u8> {
     let (program, args) = command
         .split_first()
@@ -686,7 +690,7 @@ pub async fn watch_exec(
     else {
         return beside_daemon(&cfg, opts, program, args, signals).await;
     };
-    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock)
+    let (_lock, mut drainer, finder) = setup(&cfg, opts, lock, metrics)
         .await
         .context("cannot watch the store; the command was not run")?;
     let failed_before = failed_count(drainer.queue());

@@ -2,7 +2,6 @@
 //! uploads fail, and the end of a run.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +14,7 @@ use super::lane::{Lane, LaneRun, Settled};
 use super::{DrainState, SPOOL_DIR, STATE_FILE, now};
 use crate::config::Config;
 use crate::format::store_path::StorePath;
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineError, Plan, Report, RetryPolicy};
 use crate::private_dir::PrivateDir;
 use crate::queue::{Entry, EntryId, GcRoots, Queue};
@@ -49,6 +49,7 @@ pub struct Drainer {
     next_adoption: Option<Instant>,
     /// Entries whose roots this drainer has made durable (see [`make_roots_durable`]).
     rooted: HashSet<EntryId>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,7 +64,7 @@ pub struct Totals {
 impl Drainer {
     /// The caller must hold the state directory's [`DrainLock`](super::DrainLock): a drainer
     /// takes over what a killed predecessor left behind (its spooled NARs are removed here).
-    pub fn new(cfg: &Config) -> anyhow::Result<Drainer> {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Drainer> {
         // The outer loop retries for as long as it takes; inner retries only smooth over blips.
         let retry = RetryPolicy {
             retries: 2,
@@ -79,8 +80,7 @@ impl Drainer {
             .to_path_buf();
         clear_dir(&spool);
         let pipeline = Arc::new(
-            crate::app::pipeline_spooling_in(cfg, retry, spool)?
-                .with_events(crate::metrics::events()),
+            crate::app::pipeline_spooling_in(cfg, retry, spool)?.with_events(metrics.events()),
         );
         let queue = Arc::new(Queue::open(&cfg.state_dir)?);
         let roots = Arc::new(GcRoots::new(cfg.gc_roots_dir.clone()));
@@ -110,6 +110,7 @@ impl Drainer {
             backoff: Duration::from_secs(1),
             next_adoption: None,
             rooted: HashSet::new(),
+            metrics,
         })
     }
 
@@ -130,32 +131,10 @@ impl Drainer {
         &self.roots
     }
 
-    /// Publishes the state for `status`: atomically by rename when possible; on a full disk
-    /// (where no new file fits) over the old file in place, whose blocks are already there,
-    /// because the reason the disk is full is what `status` must show.
+    /// Publishes the state for `status` (see [`crate::drain_state`]).
     fn write_state(&mut self) {
         let path = self.state_dir.join(STATE_FILE);
-        let tmp = format!(".{STATE_FILE}.tmp");
-        let json = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        // Nothing here follows a symlink: the temporary file is created exclusively (a stale
-        // one from a crash is removed first), the fallback opens with O_NOFOLLOW.
-        let result = PrivateDir::open(&self.state_dir)
-            .map_err(std::io::Error::other)
-            .and_then(|dir| {
-                let atomic = (|| -> std::io::Result<()> {
-                    dir.remove(&tmp)?;
-                    let mut f = dir.create_new(&tmp)?;
-                    f.write_all(&json)?;
-                    dir.rename(&tmp, STATE_FILE)
-                })();
-                atomic.or_else(|e| {
-                    let _ = dir.remove(&tmp);
-                    let mut f = dir.open_write(STATE_FILE)?;
-                    f.write_all(&json)
-                        .and_then(|()| f.set_len(json.len() as u64))
-                        .map_err(|_| e)
-                })
-            });
+        let result = crate::drain_state::write(&self.state_dir, &self.state);
         match result {
             Ok(()) => self.resolved("state", "the status file is written again"),
             Err(e) => {
@@ -422,7 +401,7 @@ impl Drainer {
         plan: &Plan,
         report: &Report,
     ) -> anyhow::Result<Settled> {
-        crate::metrics::global().record_report(report);
+        self.metrics.record_report(report);
         self.state.pushed += report.pushed.len() as u64;
         self.state.already_cached += report.already_cached as u64;
         self.state.left_upstream += report.left_upstream as u64;
@@ -580,7 +559,7 @@ impl Drainer {
                         wait
                     }
                     Err(e) => {
-                        self.own_error(&error_chain(&e));
+                        self.own_error(&crate::error::chain(&e));
                         true
                     }
                 },
@@ -616,22 +595,6 @@ impl Drainer {
             left: self.queue.depth().unwrap_or(0),
         })
     }
-}
-
-/// An error and its causes on one line, leaving out a cause whose text the message already
-/// includes (many errors here name their source in their own message).
-pub(super) fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out.replace('\n', " ")
 }
 
 /// `message`, and what to do about it when there is something.

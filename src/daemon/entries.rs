@@ -60,7 +60,7 @@ pub(super) fn load(
                     Ok(())
                 }
                 Ok(None) => Ok(()),
-                Err(e) => Err(super::drainer::error_chain(&e)),
+                Err(e) => Err(crate::error::chain(&e)),
             },
         );
     let mut invalid = Vec::new();

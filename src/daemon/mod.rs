@@ -46,45 +46,21 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use drainer::{Drainer, Totals};
 pub use lock::DrainLock;
 
+use std::sync::Arc;
+
 use crate::config::Config;
 use crate::format::store_path::StorePath;
+use crate::metrics::Metrics;
 use crate::progress::count;
 use crate::queue::Queue;
 
-/// What the drainer publishes for `narpost status`, rewritten atomically after each batch.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DrainState {
-    pub pid: u32,
-    pub started_at: u64,
-    pub cache: String,
-    /// The public half of the signing key, for `trusted-public-keys`.
-    #[serde(default)]
-    pub public_key: Option<String>,
-    pub pushed: u64,
-    pub already_cached: u64,
-    /// Paths signed by an upstream key, not uploaded.
-    #[serde(default)]
-    pub left_upstream: u64,
-    /// Build logs uploaded, with their paths or (watchers) of failed builds.
-    #[serde(default)]
-    pub logs_uploaded: u64,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<u64>,
-    pub cache_down_since: Option<u64>,
-    /// Why the cache (or this machine) needs someone to act before queued paths can go:
-    /// a refusal such as a 413 or a 404, credentials, an unreadable path; with its hint.
-    #[serde(default)]
-    pub needs_attention: Option<String>,
-}
-
-pub const STATE_FILE: &str = "drain-state.json";
+pub use crate::drain_state::{DrainState, STATE_FILE};
 
 pub const LOCK_FILE: &str = "drain.lock";
 
@@ -170,9 +146,9 @@ pub fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
+pub async fn run_daemon(cfg: Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let _lock = DrainLock::acquire(&cfg.state_dir).await?;
-    let mut drainer = Drainer::new(&cfg)?;
+    let mut drainer = Drainer::new(&cfg, metrics)?;
     let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;

@@ -11,10 +11,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Event, FailureKind, LogOutcome, PathFailure, Pipeline, Plan, Report, upload_slots};
+use crate::cache::{ErrorKind, NarBody, PreparedNar, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
-use crate::target::{ErrorKind, NarBody, PreparedNar, TargetError};
 
 /// Build logs during one run: whose are taken, and whether the cache failed one.
 #[derive(Default)]

@@ -2,7 +2,7 @@
 //!
 //! A log goes up only once its path's narinfo is stored (never instead of it), and whatever
 //! happens to it is reported and never fails or holds back the path. Targets with no place
-//! for logs (Attic, `ssh://`) say so through [`crate::target::Target::stores_logs`]; that is
+//! for logs (Attic, `ssh://`) say so through [`crate::cache::Target::stores_logs`]; that is
 //! said once per pipeline at debug level, not as an error.
 
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             enabled: true,
-            max_size: crate::config::DEFAULT_MAX_LOG_SIZE,
+            max_size: crate::buildlog::DEFAULT_MAX_LOG_SIZE,
             dir: buildlog::log_dir(),
         }
     }

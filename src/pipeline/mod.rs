@@ -6,7 +6,7 @@
 //!
 //! 1. wait for a worker slot (`jobs` of them; tasks ask in dependency order, and the
 //!    semaphore is fair, so references get their slots first);
-//! 2. prepare the NAR as the target wants it ([`NarFormat`](crate::target::NarFormat)): for plain caches, serialize the
+//! 2. prepare the NAR as the target wants it ([`NarFormat`](crate::cache::NarFormat)): for plain caches, serialize the
 //!    path from disk, hash it, compress it with zstd and hash the compressed bytes, all on a
 //!    blocking thread into a spool file; a NarHash or NarSize that differs from the store's
 //!    record stops the path here, before anything leaves the machine;
@@ -16,7 +16,7 @@
 //!    file cache shares one directory fsync among all renames in flight. Spooled NARs
 //!    waiting for upload are bounded by the two slot counts together;
 //! 4. wait until every reference that was missing has its narinfo in the cache, or, for a
-//!    target that declares [`ordered_commits`](crate::target::Target::ordered_commits),
+//!    target that declares [`ordered_commits`](crate::cache::Target::ordered_commits),
 //!    until each was handed over to it;
 //! 5. sign the narinfo and store it: the commit point. On an ordered target the path goes
 //!    out behind its references without waiting for their answers (one round trip per
@@ -59,10 +59,10 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{DynTarget, TargetError};
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
 use crate::store::{Store, StoreError};
-use crate::target::{DynTarget, TargetError};
 
 pub use logs::{LogOptions, LogOutcome};
 pub use plan::{Plan, signed_by_any};

@@ -13,9 +13,9 @@
 use std::collections::HashSet;
 
 use super::{Event, Pipeline, PipelineError};
+use crate::cache::TargetError;
 use crate::format::store_path::StorePath;
 use crate::store::{self, PathInfo, StoreError};
-use crate::target::TargetError;
 
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -6,12 +6,12 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::{FailureKind, PathFailure, Pipeline};
+use crate::cache::{NarBody, NarFormat, PreparedNar, SpooledNar};
 use crate::compress::FramedZstd;
 use crate::dump::{self, DumpError, NarSource};
 use crate::format::hash::HashingWriter;
 use crate::format::nar::NarError;
 use crate::store::PathInfo;
-use crate::target::{NarBody, NarFormat, PreparedNar, SpooledNar};
 
 impl Pipeline {
     pub(super) async fn prepare(&self, info: &PathInfo) -> Result<PreparedNar, PathFailure> {

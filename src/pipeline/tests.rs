@@ -13,11 +13,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::cache::{NarFormat, PreparedNar, Target, TargetError};
 use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
 use crate::format::signing::SigningKey;
 use crate::store::{PathInfo, Store};
-use crate::target::{NarFormat, PreparedNar, Target, TargetError};
 
 /// What the fake cache saw, in order: `nar <name>` and `narinfo <name>`.
 #[derive(Default)]
@@ -165,7 +165,7 @@ fn store(dir: &Path, graph: &[(&str, &[&str])]) -> Arc<Store> {
     Arc::new(Store::open(&db).expect("open test db"))
 }
 
-fn pipeline(store: Arc<Store>, target: crate::target::DynTarget, dir: &Path) -> Pipeline {
+fn pipeline(store: Arc<Store>, target: crate::cache::DynTarget, dir: &Path) -> Pipeline {
     Pipeline::new(
         store,
         target,
@@ -642,7 +642,7 @@ impl Target for Channel {
         &self,
         narinfo: &NarInfo,
         _: &PreparedNar,
-    ) -> Result<crate::target::Committing, TargetError> {
+    ) -> Result<crate::cache::Committing, TargetError> {
         let seq = {
             let mut state = self.shared.state.lock().unwrap();
             let answered = state.answered;

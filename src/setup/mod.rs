@@ -352,16 +352,16 @@ fn check_cache(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     if url.starts_with("s3://") {
-        crate::target::s3::S3Target::from_url(url, 3).map_err(from_target)?;
+        crate::cache::s3::S3Target::from_url(url, 3).map_err(from_target)?;
         return Ok(());
     }
     if url.starts_with("attic+") {
-        crate::target::attic::AtticTarget::new(url, None, Duration::from_secs(60))
+        crate::cache::attic::AtticTarget::new(url, None, Duration::from_secs(60))
             .map_err(from_target)?;
         return Ok(());
     }
     if url.starts_with("ssh://") {
-        crate::target::ssh::SshSpec::parse(url, None, Duration::from_secs(60))
+        crate::cache::ssh::SshSpec::parse(url, None, Duration::from_secs(60))
             .map_err(from_target)?;
         return Ok(());
     }

@@ -470,7 +470,7 @@ pub fn consumer_lines(cache: &str, public: &str) -> Vec<String> {
             ),
         ];
     }
-    if let Some(host) = crate::target::ssh::SshSpec::host_of(cache) {
+    if let Some(host) = crate::cache::ssh::SshSpec::host_of(cache) {
         // The host's store is served over HTTP by nix-serve or harmonia, not by narpost.
         return vec![
             format!(

@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt;
 
 use super::client::content_type_attr;
 use super::{NAR_TYPE, S3Target};
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 /// NARs larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;

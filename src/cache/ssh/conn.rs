@@ -16,11 +16,11 @@ use tokio::time::{Instant, timeout};
 
 use super::errors::{Failure, classify};
 use super::{IDLE, Pool, SshSpec};
+use crate::cache::TargetError;
+use crate::cache::stall::ANSWER_TIMEOUT_FACTOR;
 use crate::dump::NarSource;
 use crate::format::serve::{self, ServeError};
 use crate::format::store_path::StorePath;
-use crate::target::TargetError;
-use crate::target::stall::ANSWER_TIMEOUT_FACTOR;
 
 /// Longest string accepted from the remote: a store path is at most 255 bytes.
 const MAX_PATH_LEN: u64 = 1024;

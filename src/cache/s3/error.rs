@@ -1,11 +1,11 @@
 //! Turning object_store errors into one-line messages of the right
-//! [kind](crate::target::ErrorKind) (see [Errors and retries](super#errors-and-retries)).
+//! [kind](crate::cache::ErrorKind) (see [Errors and retries](super#errors-and-retries)).
 
 use object_store::client::{HttpError, HttpErrorKind};
 
 use super::S3Target;
 use super::credentials::CredentialSource;
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 impl S3Target {
     /// Turns an object_store error into one line naming the bucket, plus what to do.

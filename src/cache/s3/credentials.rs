@@ -7,7 +7,7 @@ use std::path::{Path as FsPath, PathBuf};
 use object_store::aws::AwsCredential;
 
 use super::url::S3Url;
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum CredentialSource {
@@ -183,7 +183,7 @@ fn parse_ini(text: &str) -> HashMap<String, HashMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::ErrorKind;
+    use crate::cache::ErrorKind;
 
     #[test]
     fn ini_sections_keys_and_comments() {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 /// Nix settings that may appear in an S3 cache URL but only describe how Nix itself writes.
 const IGNORED_NIX_PARAMS: &[&str] = &[
@@ -121,7 +121,7 @@ impl S3Url {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::ErrorKind;
+    use crate::cache::ErrorKind;
 
     #[test]
     fn parses_bucket_prefix_and_nix_parameters() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use reqwest::Url;
 
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 /// What the URL says, turned into the `ssh` command line.
 #[derive(Debug)]

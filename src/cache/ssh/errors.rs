@@ -4,7 +4,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use super::SshSpec;
-use crate::target::TargetError;
+use crate::cache::TargetError;
 
 /// How a connection ended before it should have.
 pub(super) enum Failure {
@@ -141,7 +141,7 @@ mod tests {
     fn kind_of(
         lines: &[&str],
         failure: Failure,
-    ) -> (crate::target::ErrorKind, String, Option<String>) {
+    ) -> (crate::cache::ErrorKind, String, Option<String>) {
         let lines: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
         let e = classify(&spec(), &lines, None, &failure, "pushing");
         (e.kind, e.message, e.hint)
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn the_remotes_last_words_become_one_line_with_a_hint() {
-        use crate::target::ErrorKind::*;
+        use crate::cache::ErrorKind::*;
         let (kind, message, hint) = kind_of(
             &[
                 "copying path",

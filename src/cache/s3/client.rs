@@ -20,11 +20,11 @@ use super::credentials::resolve_credentials;
 use super::error::{Failure, redact};
 use super::url::S3Url;
 use super::{CACHE_INFO_TYPE, MULTIPART_THRESHOLD, NAR_TYPE, NARINFO_TYPE, S3Target};
+use crate::cache::{LOG_TYPE, NarBody, NarFormat, PreparedNar, Target, TargetError, log_key};
 use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::{STORE_DIR, StorePath};
 use crate::store::PathInfo;
-use crate::target::{LOG_TYPE, NarBody, NarFormat, PreparedNar, Target, TargetError, log_key};
 
 /// Concurrent `HEAD` requests while asking which narinfos exist.
 const HEAD_CONCURRENCY: usize = 32;
@@ -70,7 +70,7 @@ impl S3Target {
         }
         let endpoint_desc =
             endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-        if let Some(problem) = crate::target::tls::https_without_roots(&endpoint_desc) {
+        if let Some(problem) = crate::cache::tls::https_without_roots(&endpoint_desc) {
             return Err(TargetError::permanent(format!("{url}: {problem}")));
         }
 
@@ -79,8 +79,8 @@ impl S3Target {
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_timeout(timeout)
                 .with_allow_http(allow_http)
-                .with_dns_resolver(Arc::new(crate::target::dns::shared()))
-                .with_no_system_certificates(crate::target::tls::no_system_roots());
+                .with_dns_resolver(Arc::new(crate::cache::dns::shared()))
+                .with_no_system_certificates(crate::cache::tls::no_system_roots());
             builder
                 .clone()
                 .with_client_options(options)
@@ -303,7 +303,7 @@ impl Target for S3Target {
     }
 
     async fn read_small(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, TargetError> {
-        let key = self.key(crate::target::object_key(key)?);
+        let key = self.key(crate::cache::object_key(key)?);
         let action = format!("reading {key}");
         let got = match self.meta.get(&key).await {
             Ok(got) => got,
@@ -321,7 +321,7 @@ impl Target for S3Target {
     }
 
     async fn object_size(&self, key: &str) -> Result<Option<u64>, TargetError> {
-        let key = self.key(crate::target::object_key(key)?);
+        let key = self.key(crate::cache::object_key(key)?);
         match self.meta.head(&key).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -330,7 +330,7 @@ impl Target for S3Target {
     }
 
     async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
-        let key = self.key(crate::target::object_key(key)?);
+        let key = self.key(crate::cache::object_key(key)?);
         let action = format!("reading {key}");
         let got = match self.data.get(&key).await {
             Ok(got) => got,
@@ -349,7 +349,7 @@ impl Target for S3Target {
     }
 
     async fn remove(&self, key: &str) -> Result<(), TargetError> {
-        let key = self.key(crate::target::object_key(key)?);
+        let key = self.key(crate::cache::object_key(key)?);
         match self.meta.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(&e, &format!("removing {key}"))),

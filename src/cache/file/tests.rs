@@ -2,9 +2,9 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
+use crate::cache::{ErrorKind, SpooledNar};
 use crate::format::hash::Sha256;
 use crate::format::nixbase32;
-use crate::target::{ErrorKind, SpooledNar};
 
 /// A store path named `name` with a hash part derived from it.
 pub(crate) fn store_path(name: &str) -> StorePath {
@@ -311,7 +311,7 @@ async fn a_failed_write_leaves_nothing_behind() {
 
 /// How long the target's own work takes for many tiny paths, committed the way the
 /// pipeline does (two NARs stored at a time, narinfos as soon as their NAR is stored).
-/// `cargo test --release --lib target::file -- --ignored --nocapture`
+/// `cargo test --release --lib cache::file -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "timing measurement"]
 async fn thousand_tiny_paths() {
