@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::cache::{self, NarFormat};
+use crate::cache::{CacheOptions, NarFormat};
 use crate::config::Config;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::{STORE_DIR, StorePath};
@@ -43,7 +43,10 @@ pub fn pipeline_spooling_in(
     retry: RetryPolicy,
     spool_dir: PathBuf,
 ) -> anyhow::Result<Pipeline> {
-    let target = cache::from_config(cfg).map_err(crate::error::from_target)?;
+    let target = cfg
+        .cache
+        .open(&cache_options(cfg)?)
+        .map_err(crate::error::from_target)?;
     let key = signing_key(cfg, target.signs_itself())?;
     if matches!(target.nar_format(), NarFormat::Zstd { .. }) && target.spool_dir().is_none() {
         check_spool_dir(&spool_dir)?;
@@ -65,6 +68,17 @@ pub fn pipeline_spooling_in(
             },
         },
     ))
+}
+
+/// What the cache needs of the configuration, secrets read.
+pub fn cache_options(cfg: &Config) -> anyhow::Result<CacheOptions> {
+    Ok(CacheOptions {
+        compression_level: cfg.compression_level,
+        token: cfg.token()?,
+        basic_auth: cfg.basic_auth()?,
+        io_timeout: cfg.http_timeout,
+        jobs: cfg.jobs,
+    })
 }
 
 /// The pipeline's own spool lives in a state directory: it is refused up front (one line)

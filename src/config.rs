@@ -25,6 +25,7 @@
 //! Secrets are only ever read from files or the environment, never from the command line,
 //! where every user on the machine could read them in `ps`.
 
+use crate::cache::CacheUrl;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/narpost";
 pub const NEVER_SECS: u64 = 10 * 365 * 24 * 3600;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The cache URL: checked when the settings load, so a bad one is one line at start.
+    #[error("{}{}", .0.message, .0.hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    Cache(crate::cache::TargetError),
     #[error("{path}: cannot read config file: {source}")]
     Read {
         path: PathBuf,
@@ -117,8 +121,8 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
-    /// Cache URL as the user wrote it.
-    pub cache: String,
+    /// The cache, its URL checked.
+    pub cache: CacheUrl,
     /// True when no cache was configured and the embedded `file://` default is used.
     pub cache_is_default: bool,
     /// `None`: the embedded default key in the state directory.
@@ -171,6 +175,7 @@ impl Config {
         let cache_is_default = cache.is_none();
         let cache =
             cache.unwrap_or_else(|| format!("file://{}", state_dir.join("cache").display()));
+        let cache = CacheUrl::parse(&cache).map_err(ConfigError::Cache)?;
         let key_file = flags
             .key_file
             .or_else(|| env("NARPOST_KEY_FILE").map(PathBuf::from))

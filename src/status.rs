@@ -70,7 +70,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
         Some(s) => (s.cache.clone(), s.public_key.clone()),
         // The drainer publishes the URL without credentials; the configured one may hold a
         // password (`http://user:secret@host`).
-        None => (crate::cache::http::redact(&cfg.cache), configured_key()),
+        None => (cfg.cache.redacted(), configured_key()),
     };
     let running = DrainLock::is_held(&cfg.state_dir);
     let failed = queue

@@ -682,6 +682,11 @@ impl Target for AtticTarget {
 }
 
 /// Splits `attic+http(s)://host[:port][/prefix]/<cache>` into the server base and the cache.
+/// Whether `url` is an Attic cache URL narpost can use: a server and a cache name.
+pub fn check_url(url: &str) -> Result<(), TargetError> {
+    parse_url(url).map(drop)
+}
+
 fn parse_url(input: &str) -> Result<(Url, String), TargetError> {
     let bad = |what: &str| {
         TargetError::permanent(format!("{input}: {what}"))

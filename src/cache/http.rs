@@ -48,9 +48,10 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 
 use super::stall::{self, Progress};
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::cache_info::CacheInfo;
 use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
-use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 
 /// Existence checks in flight at once: enough to hide latency, few enough not to look like
@@ -201,9 +202,12 @@ impl HttpTarget {
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => {
-                let text = format!("StoreDir: {STORE_DIR}\n");
                 return self
-                    .put_small("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
+                    .put_small(
+                        "nix-cache-info",
+                        "text/x-nix-cache-info",
+                        CacheInfo::ours().into_bytes(),
+                    )
                     .await;
             }
             _ => return Err(status_error(&url, &response)),
@@ -213,7 +217,7 @@ impl HttpTarget {
             .await
             .map_err(|e| answer_error(&url, status, e))?;
         let text = String::from_utf8_lossy(&answer.body);
-        super::file::check_cache_info(&text).map_err(|what| {
+        CacheInfo::check(&text).map(drop).map_err(|what| {
             TargetError::permanent(format!(
                 "{url}: {what}; {} doesn't look like a binary cache",
                 self.display

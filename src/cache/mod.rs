@@ -27,11 +27,13 @@ pub mod s3;
 pub mod ssh;
 pub mod stall;
 pub mod tls;
+mod url;
+
+pub use url::{CacheOptions, CacheUrl};
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -297,59 +299,3 @@ pub type DynTarget = Arc<dyn Target>;
 /// A narinfo handed over and not yet stored ([`Target::queue_narinfo`]).
 pub type Committing =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TargetError>> + Send>>;
-
-/// Builds the target a cache URL names:
-/// `file:///dir` (or a bare absolute path), `http(s)://...`, `s3://bucket[/prefix]?...`,
-/// `attic+http(s)://host[:port]/<cache>`, `ssh://[user@]host[:port]?...`.
-pub fn from_config(cfg: &crate::config::Config) -> Result<DynTarget, TargetError> {
-    let url = cfg.cache.as_str();
-    let level = cfg.compression_level;
-    let config_err = |e: crate::config::ConfigError| TargetError::permanent(e.to_string());
-    if let Some(dir) = url.strip_prefix("file://") {
-        return Ok(Arc::new(file::FileTarget::new(PathBuf::from(dir), level)));
-    }
-    if url.starts_with('/') {
-        return Ok(Arc::new(file::FileTarget::new(PathBuf::from(url), level)));
-    }
-    if url.starts_with("http://") || url.starts_with("https://") {
-        let auth = match (
-            cfg.token().map_err(config_err)?,
-            cfg.basic_auth().map_err(config_err)?,
-        ) {
-            (Some(token), _) => http::HttpAuth::Bearer(token),
-            (None, Some((user, password))) => http::HttpAuth::Basic { user, password },
-            (None, None) => http::HttpAuth::None,
-        };
-        let target = http::HttpTarget::new(url.to_string(), auth, level)?.with_timeouts(
-            cfg.http_timeout.min(Duration::from_secs(10)),
-            cfg.http_timeout,
-        )?;
-        return Ok(Arc::new(target));
-    }
-    if url.starts_with("s3://") {
-        return Ok(Arc::new(s3::S3Target::from_url(url, level)?));
-    }
-    if url.starts_with("attic+http://") || url.starts_with("attic+https://") {
-        let token = cfg.token().map_err(config_err)?;
-        return Ok(Arc::new(attic::AtticTarget::new(
-            url,
-            token,
-            cfg.http_timeout,
-        )?));
-    }
-    if url.starts_with("ssh://") {
-        let sshopts = std::env::var("NIX_SSHOPTS").ok();
-        return Ok(Arc::new(ssh::SshTarget::new(
-            url,
-            sshopts.as_deref(),
-            cfg.http_timeout,
-            cfg.jobs,
-        )?));
-    }
-    Err(TargetError::permanent(format!(
-        "{url}: unsupported cache URL"
-    ))
-    .with_hint(
-        "use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., attic+http(s)://host/cache, or ssh://[user@]host",
-    ))
-}

@@ -25,7 +25,6 @@ pub mod nixconf;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -343,31 +342,9 @@ fn request(args: &SetupArgs, obs: &Observed) -> anyhow::Result<Request> {
 
 /// Refuses a cache URL the daemon could not use, before anything is written.
 fn check_cache(url: &str) -> anyhow::Result<()> {
-    use crate::error::from_target;
-    if plan::file_cache_dir(url).is_some() {
-        return Ok(());
-    }
-    if url.starts_with("http://") || url.starts_with("https://") {
-        reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("--cache {url}: {e}"))?;
-        return Ok(());
-    }
-    if url.starts_with("s3://") {
-        crate::cache::s3::S3Target::from_url(url, 3).map_err(from_target)?;
-        return Ok(());
-    }
-    if url.starts_with("attic+") {
-        crate::cache::attic::AtticTarget::new(url, None, Duration::from_secs(60))
-            .map_err(from_target)?;
-        return Ok(());
-    }
-    if url.starts_with("ssh://") {
-        crate::cache::ssh::SshSpec::parse(url, None, Duration::from_secs(60))
-            .map_err(from_target)?;
-        return Ok(());
-    }
-    bail!(
-        "--cache {url}: unsupported cache URL; use file:///dir, http(s)://host/path, s3://bucket?region=..&endpoint=.., attic+http(s)://host/cache, or ssh://[user@]host"
-    )
+    crate::cache::CacheUrl::parse(url)
+        .map(drop)
+        .map_err(|e| crate::error::from_target(e).context("--cache"))
 }
 
 fn key_plan(args: &SetupArgs, obs: &Observed) -> anyhow::Result<KeyPlan> {

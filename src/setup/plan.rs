@@ -6,6 +6,7 @@
 //! names it, because Nix fails every build whose hook cannot be run; undo takes the line out
 //! of nix.conf (and restarts nix-daemon, which read it at start) before the binary goes.
 
+use crate::cache::CacheUrl;
 use std::path::{Path, PathBuf};
 
 use super::config_file;
@@ -188,8 +189,10 @@ pub fn hidden_from_daemon(path: &Path) -> Option<&'static str> {
 
 /// The local directory of a `file://` cache (or a bare absolute path).
 pub fn file_cache_dir(cache: &str) -> Option<PathBuf> {
-    let dir = cache.strip_prefix("file://").unwrap_or(cache);
-    dir.starts_with('/').then(|| PathBuf::from(dir))
+    CacheUrl::parse(cache)
+        .ok()?
+        .file_dir()
+        .map(Path::to_path_buf)
 }
 
 /// The unit runs with `ProtectSystem=strict`: a `file://` cache outside the state directory
@@ -456,36 +459,12 @@ pub fn undo_commands_before_removal(
     out
 }
 
-/// The lines a machine that fetches from the cache needs in its nix.conf. `extra-` keeps
-/// that machine's other caches (cache.nixos.org); `public` is the key line `NAME:KEY`.
+/// The lines a machine that fetches from the cache needs in its nix.conf (see
+/// [`CacheUrl::consumer_lines`]); `cache` has passed `check_cache`.
 pub fn consumer_lines(cache: &str, public: &str) -> Vec<String> {
-    let ours = format!("extra-trusted-public-keys = {public}");
-    if let Some(inner) = cache.strip_prefix("attic+") {
-        let url = inner.trim_end_matches('/');
-        let name = url.rsplit('/').next().unwrap_or(url);
-        return vec![
-            format!("extra-substituters = {url}"),
-            format!(
-                "extra-trusted-public-keys = <the Attic cache's own public key, which signs what it serves: `attic cache info {name}`>"
-            ),
-        ];
-    }
-    if let Some(host) = crate::cache::ssh::SshSpec::host_of(cache) {
-        // The host's store is served over HTTP by nix-serve or harmonia, not by narpost.
-        return vec![
-            format!(
-                "extra-substituters = <the URL nix-serve or harmonia on {host} serves, e.g. http://{host}:5000>"
-            ),
-            ours,
-        ];
-    }
-    match file_cache_dir(cache) {
-        Some(dir) => vec![
-            format!("extra-substituters = file://{}", dir.display()),
-            ours,
-            "# file:// is a directory on this machine: other machines use the URL of whatever serves it (an HTTP server, an NFS mount)".into(),
-        ],
-        None => vec![format!("extra-substituters = {cache}"), ours],
+    match CacheUrl::parse(cache) {
+        Ok(url) => url.consumer_lines(public),
+        Err(_) => vec![format!("extra-substituters = {cache}")],
     }
 }
 

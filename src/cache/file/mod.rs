@@ -62,9 +62,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use crate::format::cache_info::CacheInfo;
 use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
-use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 use dir_sync::{DirSync, sync_dir};
 
@@ -293,14 +294,13 @@ impl Inner {
 
         let info_path = self.dir.join("nix-cache-info");
         match fs::read_to_string(&info_path) {
-            Ok(text) => check_cache_info(&text).map_err(|what| {
+            Ok(text) => CacheInfo::check(&text).map(drop).map_err(|what| {
                 TargetError::permanent(format!("{}: {what}", info_path.display())).with_hint(
                     "point narpost at a cache for /nix/store, or remove the file if the directory is not in use",
                 )
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let text = format!("StoreDir: {STORE_DIR}\n");
-                self.write_atomically("nix-cache-info", text.as_bytes())?;
+                self.write_atomically("nix-cache-info", CacheInfo::ours().as_bytes())?;
                 let ticket = self.root_dir.note_rename();
                 self.root_dir
                     .sync_through(ticket)
@@ -481,21 +481,6 @@ impl Inner {
             _ => TargetError::permanent(message),
         }
     }
-}
-
-/// Whether `text` is a `nix-cache-info` for this store; if not, what is wrong with it.
-pub(super) fn check_cache_info(text: &str) -> Result<(), String> {
-    let store_dir = text
-        .lines()
-        .find_map(|l| l.strip_prefix("StoreDir:"))
-        .map(str::trim)
-        .ok_or_else(|| "not a binary cache info file (no StoreDir line)".to_string())?;
-    if store_dir != STORE_DIR {
-        return Err(format!(
-            "the cache is for store {store_dir}, not {STORE_DIR}"
-        ));
-    }
-    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(

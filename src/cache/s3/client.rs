@@ -21,9 +21,10 @@ use super::error::{Failure, redact};
 use super::url::S3Url;
 use super::{CACHE_INFO_TYPE, MULTIPART_THRESHOLD, NAR_TYPE, NARINFO_TYPE, S3Target};
 use crate::cache::{LOG_TYPE, NarBody, NarFormat, PreparedNar, Target, TargetError, log_key};
+use crate::format::cache_info::CacheInfo;
 use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
-use crate::format::store_path::{STORE_DIR, StorePath};
+use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 
 /// Concurrent `HEAD` requests while asking which narinfos exist.
@@ -194,15 +195,9 @@ impl Target for S3Target {
         match self.meta.get(&key).await {
             Ok(got) => {
                 let body = got.bytes().await.map_err(|e| self.error(&e, action))?;
-                let text = String::from_utf8_lossy(&body);
-                let store_dir = text.lines().find_map(|l| l.strip_prefix("StoreDir:"));
-                match store_dir.map(str::trim) {
-                    Some(dir) if dir != STORE_DIR => Err(TargetError::permanent(format!(
-                        "{}: the cache is for store {dir}, not {STORE_DIR}",
-                        self.display()
-                    ))),
-                    _ => Ok(()),
-                }
+                CacheInfo::check(&String::from_utf8_lossy(&body))
+                    .map(drop)
+                    .map_err(|what| TargetError::permanent(format!("{}: {what}", self.display())))
             }
             Err(err) => {
                 let failure = Failure::inspect(&err);
@@ -212,10 +207,9 @@ impl Target for S3Target {
                     return Err(self.error(&err, action));
                 }
                 self.check_bucket_exists().await?;
-                let info = format!("StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 40\n");
                 self.put_small(
                     &key,
-                    Bytes::from(info),
+                    Bytes::from(CacheInfo::ours()),
                     CACHE_INFO_TYPE,
                     "writing nix-cache-info",
                 )

@@ -60,6 +60,12 @@ use object_store::aws::AmazonS3;
 use credentials::CredentialSource;
 pub use multipart::MULTIPART_THRESHOLD;
 
+/// Whether `url` is an `s3://` cache URL narpost can use (bucket, parameters), without
+/// resolving credentials.
+pub fn check_url(url: &str) -> Result<(), super::TargetError> {
+    url::S3Url::parse(url).map(drop)
+}
+
 const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 const NAR_TYPE: &str = "application/x-nix-nar";
 const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";

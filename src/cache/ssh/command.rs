@@ -47,6 +47,11 @@ impl SshSpec {
         bare_host(&parsed)
     }
 
+    /// Whether `url` is an ssh:// cache URL narpost can use (host, parameters, host key).
+    pub fn check(url: &str) -> Result<(), TargetError> {
+        SshSpec::parse(url, None, Duration::from_secs(60)).map(drop)
+    }
+
     /// Parses the URL; `sshopts` is `NIX_SSHOPTS`; `connect_timeout` goes to ssh's
     /// `ConnectTimeout`.
     pub fn parse(
