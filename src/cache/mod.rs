@@ -1,8 +1,15 @@
-//! Where NARs and narinfos go.
+//! Where NARs and narinfos go: the cache URL ([`CacheUrl`], parsed once), and the
+//! [`Target`] trait with its `file://`, HTTP, S3, Attic and ssh implementations.
 //!
-//! A target knows three things: which paths the cache is missing, how to store a NAR,
-//! and how to store a narinfo. Everything else (closure, order, hashing, compression,
-//! signing, retries) is the pipeline's, so every target gets it the same way.
+//! At its core a target answers three questions: which paths the cache is missing, how to
+//! store a NAR, how to store a narinfo (`missing`, `put_nar`, `put_narinfo`, after `open`).
+//! Everything else (closure, order, hashing, compression, signing, retries) is the
+//! pipeline's, so every target gets it the same way. The rest of the trait are
+//! declarations with defaults that most targets keep: what NAR form it wants
+//! (`nar_format`, `spool_dir`), whether it signs itself, keeps commits in order
+//! (`ordered_commits`, `queue_narinfo`) or leaves upstream paths out; its place for build
+//! logs (`stores_logs`, `put_log`); and its read side (`read_small`, `object_size`,
+//! `object_sha256`, `list_narinfos`, `remove`), which `narpost check` uses.
 //!
 //! What differs between caches is what a target *receives*, and each target declares it
 //! through [`Target::nar_format`]: plain binary caches (`file://`, HTTP, S3) want a zstd
