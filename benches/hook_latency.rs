@@ -10,7 +10,7 @@
 //! build (each build's output new to the cache). Under `cargo test` (no `--bench`) it runs
 //! a small version as a smoke test.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/e2e/common/mod.rs"]
 mod common;
 
 use std::fs;

@@ -3,7 +3,7 @@
 #
 # The service below is written out here, not generated from systemd/narpost.service (a NixOS
 # unit names its binary by store path and takes its settings as attributes). The two are kept
-# in step by tests/nixos_module.rs, which evaluates this module and compares every [Unit],
+# in step by tests/e2e/nixos_module.rs, which evaluates this module and compares every [Unit],
 # [Service] and [Install] setting of the result with the unit file's: a setting added to one
 # and not the other fails it.
 {
@@ -26,7 +26,7 @@ let
   settingsFormat = pkgs.formats.toml { };
 
   # Every key of narpost's config file (src/config.rs FileConfig, which refuses any other;
-  # tests/nixos_module.rs keeps the two lists equal), typed as narpost reads it.
+  # tests/e2e/nixos_module.rs keeps the two lists equal), typed as narpost reads it.
   setting =
     type: description:
     mkOption {

@@ -1,6 +1,6 @@
 # Evaluates nix/module.nix (or the flake's nixosModules.default) with nixpkgs' real module
 # system, lib.evalModules, over the stand-ins of stubs.nix, and returns what it defines, for
-# tests/nixos_module.rs.
+# tests/e2e/nixos_module.rs.
 {
   # nixpkgs' lib directory; null: <nixpkgs/lib> from NIX_PATH.
   libPath ? null,

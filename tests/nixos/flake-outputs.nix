@@ -1,5 +1,5 @@
 # flake.nix's outputs, called as Nix would call them, with a nixpkgs made of nixpkgs' lib and
-# the stand-ins of stubs.nix; returns what tests/nixos_module.rs checks of the package.
+# the stand-ins of stubs.nix; returns what tests/e2e/nixos_module.rs checks of the package.
 {
   libPath ? null,
 }:

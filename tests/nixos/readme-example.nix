@@ -1,7 +1,7 @@
 # The flake README.md's NixOS section shows, evaluated: its outputs called with this
 # repository's flake as the narpost input and a nixpkgs whose lib.nixosSystem is
 # lib.evalModules over the stand-ins of stubs.nix (hardware-configuration.nix, which only the
-# reader has, is left out). Returns what tests/nixos_module.rs checks of each machine.
+# reader has, is left out). Returns what tests/e2e/nixos_module.rs checks of each machine.
 {
   libPath ? null,
   # The file the example was written to, absolute.

@@ -4,7 +4,7 @@
 //! and checks the outcome: one clear line, bounded time and memory, nothing written through
 //! what was planted, no secret printed, no queued path lost.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -4,7 +4,7 @@
 //! queued with its GC root and lands once the fault is over; `push` keeps retrying for
 //! `retry-timeout` and no longer.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};

@@ -8,7 +8,7 @@
 //! full nixpkgs (the real systemd, nix and environment.etc modules), the package built by
 //! nixpkgs, a VM booting with the module.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! The tarball comes from `NARPOST_RELEASE_TARBALL` (scripts/test builds it and sets it);
 //! without it every test here fails.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! `file://` (Debian's Nix 2.8 is built without S3 support), and that the cache-completeness
 //! checker can read.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,7 +1,7 @@
 //! The serve-protocol framing against the real Nix, byte for byte: what a real
 //! `nix-store --serve --write` answers, and what a real `nix copy --to ssh://` sends.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -5,7 +5,7 @@
 //! narpost daemon uploads it with the written config, and a fresh store substitutes it with
 //! the two lines setup printed.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

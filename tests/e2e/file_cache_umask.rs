@@ -2,7 +2,7 @@
 //! narpost.service and the NixOS module): a web server running as another user must still
 //! read every file of it.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -1,7 +1,7 @@
 //! `narpost push` end to end, with the real Nix and a real nginx WebDAV cache: what narpost
 //! uploads, a fresh Nix store substitutes with signatures required.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

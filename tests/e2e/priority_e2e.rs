@@ -3,7 +3,7 @@
 //! stay exactly where they would be without it. Needs `ionice` and `bash` (util-linux and
 //! bash, both in scripts/install-deps's base system).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! reads back, from a `file://` cache and from nginx; a failed build's log under
 //! `watch-exec` too; a log past `max-log-size` is skipped and said so.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! `--repair` pushes again from the local store, after which a fresh Nix substitutes the
 //! whole closure with signatures required.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

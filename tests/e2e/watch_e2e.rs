@@ -6,7 +6,7 @@
 //! The watchers see the whole store, where other tests build at the same time, so every
 //! assertion is about this test's own derivations (unique nonces), never about totals.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

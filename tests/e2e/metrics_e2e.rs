@@ -1,7 +1,7 @@
 //! `metrics-listen`: the daemon's Prometheus metrics, scraped over real HTTP while it drains
 //! into a real nginx, agree with `narpost status --json` and with what is in the cache.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

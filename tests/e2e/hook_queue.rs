@@ -147,8 +147,13 @@ fn child_main() {
 
 fn child(mode: &str, envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["child_main", "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_VAR, mode);
+    cmd.args([
+        "hook_queue::child_main",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_VAR, mode);
     for (k, v) in envs {
         cmd.env(k, v);
     }

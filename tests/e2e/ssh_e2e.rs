@@ -3,7 +3,7 @@
 //! Nix on the far side, and a fresh Nix store that copies the pushed paths from there with
 //! signatures required.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The completion scripts and man pages `narpost completions` and `narpost man` generate,
 //! loaded by the real shells and rendered by the real man.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

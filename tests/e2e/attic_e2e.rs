@@ -2,8 +2,8 @@
 //! the test server in `attic_server/` (which checks what a real Attic server checks), and a
 //! fresh Nix store substitutes from what the server stored.
 
-mod attic_server;
-mod common;
+use crate::attic_server;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

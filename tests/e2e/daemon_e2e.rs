@@ -6,7 +6,7 @@
 //! Every test proves the cache with the completeness checker ([`CacheDir::assert_complete`]):
 //! no narinfo without its NAR, none whose references are missing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

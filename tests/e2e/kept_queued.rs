@@ -3,7 +3,7 @@
 //! root until they are fixed, and then it lands in a cache a fresh Nix substitutes from.
 //! Also: an idle daemon costs no CPU, and `watch-exec` works beside a running daemon.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;
