@@ -48,7 +48,8 @@ let
     compression-level = setting (types.ints.between 1 19) "zstd level; default 3.";
     gc-roots-dir = setting absolutePath "Where queued paths get their GC roots.";
     drain-timeout = setting seconds "Seconds uploads under way may take after SIGTERM; default 30.";
-    http-timeout = setting seconds "Seconds an HTTP, Attic or ssh connection may make no progress; default 60.";
+    io-timeout = setting seconds "Seconds an HTTP, Attic or ssh connection may make no progress; default 60.";
+    http-timeout = setting seconds "The older name of `io-timeout`.";
     retry-timeout = setting seconds "Seconds `narpost push` retries a failing cache; default 120.";
     upstream-keys = setting (types.listOf types.str) "Paths signed by these keys are left to upstream; default `[ \"cache.nixos.org-1\" ]`.";
     upload-logs = setting types.bool "Upload build logs where the cache has room; default true.";
@@ -239,7 +240,7 @@ in
         jobs = 4;
         compression-level = 9;
         drain-timeout = 60;
-        http-timeout = 120;
+        io-timeout = 120;
       };
       description = ''
         narpost's config file (`/etc/narpost/narpost.toml`): each key narpost's loader

@@ -76,7 +76,7 @@ pub fn cache_options(cfg: &Config) -> anyhow::Result<CacheOptions> {
         compression_level: cfg.compression_level,
         token: cfg.token()?,
         basic_auth: cfg.basic_auth()?,
-        io_timeout: cfg.http_timeout,
+        io_timeout: cfg.io_timeout,
         jobs: cfg.jobs,
     })
 }

@@ -14,7 +14,7 @@
 //! basic-auth-file = "/etc/narpost/basic"   # `user:password`, for HTTP caches behind basic auth
 //! gc-roots-dir = "/nix/var/nix/gcroots/narpost"
 //! drain-timeout = 30                        # seconds the daemon lets in-flight uploads finish on SIGTERM
-//! http-timeout = 60                         # seconds an HTTP/Attic/ssh connection may make no progress
+//! io-timeout = 60                           # seconds an HTTP/Attic/ssh connection may make no progress
 //! upstream-keys = ["cache.nixos.org-1"]     # paths signed by these keys are left to upstream; [] pushes all
 //! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
 //! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
@@ -68,6 +68,9 @@ pub enum ConfigError {
     BasicAuth { path: PathBuf },
 }
 
+/// Older names the config file still takes for a key of [`FILE_KEYS`].
+pub const FILE_KEY_ALIASES: &[(&str, &str)] = &[("http-timeout", "io-timeout")];
+
 /// Every key the config file takes, as written there (NixOS's `services.narpost.settings`
 /// declares exactly these; tests keep both lists equal to [`FileConfig`]'s fields).
 pub const FILE_KEYS: &[&str] = &[
@@ -79,7 +82,7 @@ pub const FILE_KEYS: &[&str] = &[
     "basic-auth-file",
     "gc-roots-dir",
     "drain-timeout",
-    "http-timeout",
+    "io-timeout",
     "retry-timeout",
     "upstream-keys",
     "upload-logs",
@@ -99,7 +102,9 @@ struct FileConfig {
     basic_auth_file: Option<PathBuf>,
     gc_roots_dir: Option<PathBuf>,
     drain_timeout: Option<u64>,
-    http_timeout: Option<u64>,
+    /// Also spelt `http-timeout`, its name before it governed ssh too.
+    #[serde(alias = "http-timeout")]
+    io_timeout: Option<u64>,
     retry_timeout: Option<u64>,
     upstream_keys: Option<Vec<String>>,
     upload_logs: Option<bool>,
@@ -134,7 +139,7 @@ pub struct Config {
     pub gc_roots_dir: PathBuf,
     pub drain_timeout: Duration,
     /// How long an HTTP or ssh connection may make no progress before it counts as hung.
-    pub http_timeout: Duration,
+    pub io_timeout: Duration,
     /// How long `push` keeps retrying one failing operation (the cache down, throttling)
     /// before it gives up on it; the daemon and the watchers retry for as long as it takes.
     pub retry_timeout: Duration,
@@ -192,17 +197,21 @@ impl Config {
             },
         }
         .max(1);
-        let http_timeout = match env("NARPOST_HTTP_TIMEOUT") {
-            Some(v) => v
-                .parse()
-                .ok()
-                .filter(|&s: &u64| s > 0)
-                .ok_or_else(|| ConfigError::Env {
-                    var: "NARPOST_HTTP_TIMEOUT",
-                    value: v.clone(),
-                    reason: "expected a whole number of seconds above 0".into(),
-                })?,
-            None => file.http_timeout.unwrap_or(60).max(1),
+        let io_timeout_var = ["NARPOST_IO_TIMEOUT", "NARPOST_HTTP_TIMEOUT"]
+            .into_iter()
+            .find_map(|var| env(var).map(|v| (var, v)));
+        let io_timeout = match io_timeout_var {
+            Some((var, v)) => {
+                v.parse()
+                    .ok()
+                    .filter(|&s: &u64| s > 0)
+                    .ok_or_else(|| ConfigError::Env {
+                        var,
+                        value: v.clone(),
+                        reason: "expected a whole number of seconds above 0".into(),
+                    })?
+            }
+            None => file.io_timeout.unwrap_or(60).max(1),
         }
         .min(NEVER_SECS);
         let retry_timeout = match env("NARPOST_RETRY_TIMEOUT") {
@@ -299,7 +308,7 @@ impl Config {
                     .unwrap_or(30)
                     .min(NEVER_SECS),
             ),
-            http_timeout: Duration::from_secs(http_timeout),
+            io_timeout: Duration::from_secs(io_timeout),
             retry_timeout: Duration::from_secs(retry_timeout),
             state_dir,
             config_file,
@@ -477,10 +486,10 @@ mod tests {
         let c = Config::load(Some(&cfg), Some(dir.path().into()), Overrides::default()).unwrap();
         let never = Duration::from_secs(NEVER_SECS);
         assert_eq!(
-            (c.http_timeout, c.drain_timeout, c.retry_timeout),
+            (c.io_timeout, c.drain_timeout, c.retry_timeout),
             (never, never, never)
         );
-        for t in [c.http_timeout, c.drain_timeout, c.retry_timeout] {
+        for t in [c.io_timeout, c.drain_timeout, c.retry_timeout] {
             assert!(std::time::Instant::now().checked_add(t * 5).is_some());
             let _ = tokio::time::Instant::now() + t;
         }
@@ -522,8 +531,11 @@ mod tests {
             .filter(|f| !f.is_empty())
             .collect();
         known.sort();
+        // serde lists an alias beside the key it stands for.
         let mut declared = FILE_KEYS.to_vec();
+        declared.extend(FILE_KEY_ALIASES.iter().map(|(old, _)| *old));
         declared.sort();
+        known.dedup();
         assert_eq!(known, declared, "{err}");
     }
 

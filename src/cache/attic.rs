@@ -27,7 +27,7 @@
 //! # Timeouts
 //!
 //! A hung server must become an error, never a stuck upload, yet a large NAR on a slow link
-//! legitimately takes hours. So API calls get the timeout (the `http-timeout` setting) as a
+//! legitimately takes hours. So API calls get the timeout (the `io-timeout` setting) as a
 //! total, while an upload fails only when the connection has taken no new NAR bytes for that
 //! long, or when, after the last byte, no answer comes within [`stall::ANSWER_TIMEOUT_FACTOR`] times
 //! it (the server still hashes, compresses and stores the end of the NAR before answering).
@@ -233,7 +233,7 @@ impl AtticTarget {
                 self.timeout.as_secs()
             ))
             .with_hint(format!(
-                "check that the Attic server at {server} is healthy; http-timeout sets how long to wait"
+                "check that the Attic server at {server} is healthy; io-timeout sets how long to wait"
             ));
         }
         TargetError::transient(format!(
@@ -323,7 +323,7 @@ impl AtticTarget {
                 stalled.waited.as_secs()
             ))
             .with_hint(format!(
-                "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
+                "check that the Attic server at {} is healthy; io-timeout sets how long to wait",
                 self.server_name()
             ))),
         }
@@ -348,7 +348,7 @@ impl AtticTarget {
                 waited.as_secs()
             ))
             .with_hint(format!(
-                "check that the Attic server at {server} is healthy; http-timeout sets how long to wait"
+                "check that the Attic server at {server} is healthy; io-timeout sets how long to wait"
             ))),
             Err(stall::AnswerError::Transport(e)) => Err(self.request_error(&e, action)),
         }
@@ -664,7 +664,7 @@ impl Target for AtticTarget {
                     waited.as_secs()
                 ))
                 .with_hint(format!(
-                    "check that the Attic server at {} is healthy; http-timeout sets how long to wait",
+                    "check that the Attic server at {} is healthy; io-timeout sets how long to wait",
                     self.server_name()
                 )));
             }

@@ -7,7 +7,7 @@
 //! pipeline's, so every target gets it the same way. The rest of the trait are
 //! declarations with defaults that most targets keep: what NAR form it wants
 //! (`nar_format`, `spool_dir`), whether it signs itself, keeps commits in order
-//! (`ordered_commits`, `queue_narinfo`) or leaves upstream paths out; its place for build
+//! (`ordered_commits`, `hand_over_narinfo`) or leaves upstream paths out; its place for build
 //! logs (`stores_logs`, `put_log`); and its read side (`read_small`, `object_size`,
 //! `object_sha256`, `list_narinfos`, `remove`), which `narpost check` uses.
 //!
@@ -185,7 +185,7 @@ pub trait Target: Send + Sync {
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
 
     /// Whether commits go out on ordered channels: a narinfo handed over with
-    /// [`Target::queue_narinfo`] after each of its references' narinfos was handed over is
+    /// [`Target::hand_over_narinfo`] after each of its references' narinfos was handed over is
     /// applied after them, and fails (without being stored) if one of them fails. The
     /// pipeline then hands a path over as soon as its references are handed over, instead
     /// of after they are stored. The target must keep that order itself (one channel for a
@@ -199,7 +199,7 @@ pub trait Target: Send + Sync {
     /// finishes when the narinfo is stored. Only targets with
     /// [`Target::ordered_commits`] have a reason to return before the commit: the default
     /// stores it first.
-    async fn queue_narinfo(
+    async fn hand_over_narinfo(
         &self,
         narinfo: &NarInfo,
         nar: &PreparedNar,
@@ -303,6 +303,6 @@ pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
 
 pub type DynTarget = Arc<dyn Target>;
 
-/// A narinfo handed over and not yet stored ([`Target::queue_narinfo`]).
+/// A narinfo handed over and not yet stored ([`Target::hand_over_narinfo`]).
 pub type Committing =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TargetError>> + Send>>;

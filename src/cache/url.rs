@@ -20,7 +20,7 @@ pub struct CacheOptions {
     pub token: Option<String>,
     /// `user:password` for an HTTP cache behind basic auth.
     pub basic_auth: Option<(String, String)>,
-    /// How long a connection may make no progress (`http-timeout`).
+    /// How long a connection may make no progress (`io-timeout`).
     pub io_timeout: Duration,
     /// Paths prepared at once (ssh opens connections to match).
     pub jobs: usize,

@@ -27,7 +27,7 @@ struct LogRun {
 enum Outcome {
     /// Handed to a target with ordered commits and not answered yet: enough for referrers
     /// to be handed over behind it. Withdrawn (back to `None`) if that commit fails.
-    Queued,
+    HandedOver,
     Done,
     Failed,
     Skipped,
@@ -228,12 +228,12 @@ impl Pipeline {
         // With ordered commits a reference handed over is as good as stored: this path
         // goes out behind it on the same channel.
         let ordered = self.target.ordered_commits();
-        let mut behind_queued = false;
+        let mut behind_handed_over = false;
         for (dep, rx) in &deps {
             let Some(rx) = rx else { continue };
             match wait_for_reference(rx.clone(), ordered).await {
                 Some(Outcome::Done) => {}
-                Some(Outcome::Queued) => behind_queued = true,
+                Some(Outcome::HandedOver) => behind_handed_over = true,
                 Some(Outcome::Skipped) => return PathResult::Skipped(path),
                 _ => return fail_dependency(&path, dep),
             }
@@ -246,9 +246,9 @@ impl Pipeline {
             Err(_) => return PathResult::Skipped(path),
         };
         let committed = if ordered {
-            let first = match self.target.queue_narinfo(&narinfo, &prepared).await {
+            let first = match self.target.hand_over_narinfo(&narinfo, &prepared).await {
                 Ok(committing) => {
-                    done.send_replace(Some(Outcome::Queued));
+                    done.send_replace(Some(Outcome::HandedOver));
                     let answer = committing.await;
                     if answer.is_err() {
                         done.send_replace(None);
@@ -259,10 +259,13 @@ impl Pipeline {
             };
             match first {
                 Ok(()) => Ok(()),
-                Err(e) if !behind_queued && (!e.is_retryable() || self.opts.retry.retries == 0) => {
+                Err(e)
+                    if !behind_handed_over
+                        && (!e.is_retryable() || self.opts.retry.retries == 0) =>
+                {
                     Err(e)
                 }
-                Err(e) if !behind_queued => {
+                Err(e) if !behind_handed_over => {
                     // The path's own error: the first attempt counts as one of the tries.
                     let _upload_permit = upload_permit;
                     self.emit(Event::Retrying {
@@ -378,14 +381,14 @@ enum PathResult {
     Skipped(StorePath),
 }
 
-/// Waits until the reference behind `rx` is stored, failed or skipped, or (with `queued`)
+/// Waits until the reference behind `rx` is stored, failed or skipped, or (with `handed_over`)
 /// handed over to an ordered target.
 async fn wait_for_reference(
     mut rx: watch::Receiver<Option<Outcome>>,
-    queued: bool,
+    handed_over: bool,
 ) -> Option<Outcome> {
     let ready = |o: &Option<Outcome>| match o {
-        Some(Outcome::Queued) => queued,
+        Some(Outcome::HandedOver) => handed_over,
         Some(_) => true,
         None => false,
     };

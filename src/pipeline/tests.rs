@@ -638,7 +638,7 @@ impl Target for Channel {
     fn ordered_commits(&self) -> bool {
         self.ordered
     }
-    async fn queue_narinfo(
+    async fn hand_over_narinfo(
         &self,
         narinfo: &NarInfo,
         _: &PreparedNar,

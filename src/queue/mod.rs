@@ -148,7 +148,7 @@
 //! store copy is not needed any more. The same reasoning covers a hook that finds the root
 //! already there just before the daemon releases it.
 
-mod drainer;
+mod consumer;
 mod producer;
 mod record;
 mod roots;
@@ -161,7 +161,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use drainer::Queue;
+pub use consumer::Queue;
 pub use producer::Producer;
 pub use roots::{GcRootError, GcRoots};
 

@@ -348,6 +348,7 @@ fn settings_declare_exactly_the_keys_narposts_loader_takes() {
     declared.sort();
     let mut known: Vec<String> = narpost::config::FILE_KEYS
         .iter()
+        .chain(narpost::config::FILE_KEY_ALIASES.iter().map(|(old, _)| old))
         .map(|k| k.to_string())
         .collect();
     known.sort();

@@ -361,7 +361,7 @@ async fn writer<W: AsyncWrite + Unpin>(
             "{label}: the ssh connection took no data for {}s while {what}",
             timeout_.as_secs()
         ))
-        .with_hint("http-timeout sets how long to wait")
+        .with_hint("io-timeout sets how long to wait")
     };
     loop {
         let job = match timeout(IDLE, jobs.recv()).await {

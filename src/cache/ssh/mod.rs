@@ -43,7 +43,7 @@
 //! transient, to be retried on a new connection. Unreachable hosts are transient; a wrong
 //! host key, a refused login, a missing `nix-store` and a refused signature need the
 //! user, so they are [`Auth`](super::ErrorKind::Auth) errors: queued paths stay queued.
-//! Every answer has a deadline (the `http-timeout` setting, times
+//! Every answer has a deadline (the `io-timeout` setting, times
 //! [`ANSWER_TIMEOUT_FACTOR`](super::stall::ANSWER_TIMEOUT_FACTOR) after a request is
 //! completely sent), every write one too, and what the remote sends is size-limited.
 
@@ -75,7 +75,7 @@ struct Pool {
     conns: Vec<Arc<Conn>>,
     /// Connections being opened right now.
     opening: usize,
-    /// Paths handed over through `queue_narinfo` whose answer is still to come, and those
+    /// Paths handed over through `hand_over_narinfo` whose answer is still to come, and those
     /// whose answer was an error: what a referrer must go behind, or must not go out after.
     carrying: HashMap<StorePath, Carrier>,
     /// Numbers the hand-overs, so an answer settles only its own entry, never a later
@@ -307,7 +307,7 @@ impl Target for SshTarget {
     }
 
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {
-        self.queue_narinfo(narinfo, nar).await?.await
+        self.hand_over_narinfo(narinfo, nar).await?.await
     }
 
     fn ordered_commits(&self) -> bool {
@@ -317,7 +317,7 @@ impl Target for SshTarget {
         true
     }
 
-    async fn queue_narinfo(
+    async fn hand_over_narinfo(
         &self,
         narinfo: &NarInfo,
         nar: &PreparedNar,
