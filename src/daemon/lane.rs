@@ -10,10 +10,12 @@
 //! next wake-up starts the next lane.
 //!
 //! A lane's plan asks the cache what is missing, like any pass, so the guarantee holds: a
-//! narinfo is stored only after its references are in the cache. A reference that the pass
-//! is still uploading looks missing to the lane, which then uploads it too: the cache gets
-//! the same NAR and narinfo twice, each committed atomically, which costs bandwidth but not
-//! correctness. A lane shares the pass's cancellation, so shutdown stops both alike.
+//! narinfo is stored only after its references are in the cache. The pass and the lane are
+//! two runs of one pipeline, which keeps one book of the paths in flight and one set of
+//! slots for both (see `pipeline::book`): a reference the pass is still uploading is not
+//! uploaded again, the lane's paths wait for it as for their own, the lane's paths get free
+//! slots first, and spooled NARs stay within the bound of one run plus one slot. A lane
+//! shares the pass's cancellation, so shutdown stops both alike.
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -7,10 +7,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Event, FailureKind, LogOutcome, PathFailure, Pipeline, Plan, Report, upload_slots};
+use super::book::{self, Outcome};
+use super::{Event, FailureKind, LogOutcome, PathFailure, Pipeline, Plan, Report};
 use crate::cache::{ErrorKind, NarBody, PreparedNar, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
@@ -23,28 +24,24 @@ struct LogRun {
     cache_failed: AtomicBool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Handed to a target with ordered commits and not answered yet: enough for referrers
-    /// to be handed over behind it. Withdrawn (back to `None`) if that commit fails.
-    HandedOver,
-    Done,
-    Failed,
-    Skipped,
-}
-
 impl Pipeline {
     /// Uploads the plan's missing paths. Paths not started when `cancel` fires are reported
     /// as skipped; paths already under way finish (the caller bounds that with a deadline).
     pub async fn execute(&self, plan: &Plan, cancel: &CancellationToken) -> Report {
         let started = Instant::now();
-        let semaphore = Arc::new(Semaphore::new(self.opts.jobs.max(1)));
-        let uploads = Arc::new(Semaphore::new(upload_slots(self.opts.jobs)));
+        let run = self.book.start_run();
         let mut senders: HashMap<StorePath, watch::Sender<Option<Outcome>>> = HashMap::new();
         let mut receivers: HashMap<StorePath, watch::Receiver<Option<Outcome>>> = HashMap::new();
+        // Paths another run is uploading: this run waits for their outcome instead.
+        let mut theirs: Vec<(StorePath, watch::Receiver<Option<Outcome>>)> = Vec::new();
         for info in plan.paths.iter().filter(|p| plan.missing.contains(&p.path)) {
-            let (tx, rx) = watch::channel(None);
-            senders.insert(info.path.clone(), tx);
+            let (entered, rx) = self.book.enter(run, &info.path);
+            match entered {
+                book::Entered::Ours(tx) => {
+                    senders.insert(info.path.clone(), tx);
+                }
+                book::Entered::Theirs(rx) => theirs.push((info.path.clone(), rx)),
+            }
             receivers.insert(info.path.clone(), rx);
         }
 
@@ -74,13 +71,19 @@ impl Pipeline {
             tasks.push(self.push_one(
                 info.clone(),
                 deps,
-                (semaphore.clone(), uploads.clone()),
+                run,
                 cancel.clone(),
                 done_tx,
                 logs.clone(),
             ));
         }
-        let results = futures::future::join_all(tasks).await;
+        let theirs = futures::future::join_all(
+            theirs
+                .into_iter()
+                .map(|(path, rx)| uploaded_elsewhere(path, rx)),
+        );
+        let (results, theirs) =
+            futures::future::join(futures::future::join_all(tasks), theirs).await;
 
         let mut report = Report {
             requested: plan.requested.clone(),
@@ -111,6 +114,14 @@ impl Pipeline {
                 PathResult::Skipped(p) => report.skipped.push(p),
             }
         }
+        for r in theirs {
+            match r {
+                // Stored by the other run: in the cache, as if it had been there already.
+                PathResult::Pushed { .. } => report.already_cached += 1,
+                PathResult::Failed(f) => report.failed.push(f),
+                PathResult::Skipped(p) => report.skipped.push(p),
+            }
+        }
         report.elapsed = started.elapsed();
         report
     }
@@ -119,14 +130,12 @@ impl Pipeline {
         &self,
         info: PathInfo,
         deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)>,
-        slots: (Arc<Semaphore>, Arc<Semaphore>),
+        run: u64,
         cancel: CancellationToken,
         done: watch::Sender<Option<Outcome>>,
         logs: Arc<LogRun>,
     ) -> PathResult {
-        let mut result = self
-            .push_one_inner(&info, deps, &slots, &cancel, &done)
-            .await;
+        let mut result = self.push_one_inner(&info, deps, run, &cancel, &done).await;
         let outcome = match &result {
             PathResult::Pushed { .. } => Outcome::Done,
             PathResult::Failed(f) => {
@@ -139,6 +148,7 @@ impl Pipeline {
             PathResult::Skipped(_) => Outcome::Skipped,
         };
         done.send_replace(Some(outcome));
+        self.book.leave(run, &info.path);
         // After the narinfo, and after telling referrers: a log never holds anything back.
         if let (PathResult::Pushed { log, .. }, Some(drv)) = (&mut result, &info.deriver) {
             let first = logs
@@ -157,10 +167,11 @@ impl Pipeline {
         &self,
         info: &PathInfo,
         deps: Vec<(StorePath, Option<watch::Receiver<Option<Outcome>>>)>,
-        (semaphore, uploads): &(Arc<Semaphore>, Arc<Semaphore>),
+        run: u64,
         cancel: &CancellationToken,
         done: &watch::Sender<Option<Outcome>>,
     ) -> PathResult {
+        let (workers, uploads) = (&self.book.workers, &self.book.uploads);
         let path = info.path.clone();
         let fail = |kind, message: String, hint: Option<String>| {
             PathResult::Failed(PathFailure {
@@ -187,10 +198,7 @@ impl Pipeline {
         }
 
         let permit = tokio::select! {
-            p = semaphore.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return PathResult::Skipped(path),
-            },
+            p = workers.acquire(run) => p,
             _ = cancel.cancelled() => return PathResult::Skipped(path),
         };
         if cancel.is_cancelled() {
@@ -208,10 +216,7 @@ impl Pipeline {
         let guard = SpoolGuard(spool_file(&prepared));
         // Waiting here (not cancellable) keeps the NAR's slot order; a cancelled push still
         // finishes the uploads that are already prepared.
-        let upload_permit = match uploads.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return PathResult::Skipped(path),
-        };
+        let upload_permit = uploads.acquire(run).await;
         drop(permit);
         let url = match self
             .retry(
@@ -241,10 +246,7 @@ impl Pipeline {
 
         let narinfo = self.narinfo(&prepared, url);
         let what = format!("uploading the narinfo of {}", path.to_absolute());
-        let upload_permit = match uploads.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return PathResult::Skipped(path),
-        };
+        let upload_permit = uploads.acquire(run).await;
         let committed = if ordered {
             let first = match self.target.hand_over_narinfo(&narinfo, &prepared).await {
                 Ok(committing) => {
@@ -293,10 +295,7 @@ impl Pipeline {
                             _ => return fail_dependency(&path, dep),
                         }
                     }
-                    let _upload_permit = match uploads.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => return PathResult::Skipped(path),
-                    };
+                    let _upload_permit = uploads.acquire(run).await;
                     // Only now, when it is sent again: had a reference failed, this path
                     // would be withheld, not retried. A lost connection is seen this way.
                     self.emit(Event::Retrying {
@@ -395,6 +394,28 @@ async fn wait_for_reference(
     match rx.wait_for(ready).await {
         Ok(o) => *o,
         Err(_) => None,
+    }
+}
+
+/// The outcome of a path another run of the pipeline uploads (see `book`).
+async fn uploaded_elsewhere(path: StorePath, rx: watch::Receiver<Option<Outcome>>) -> PathResult {
+    match wait_for_reference(rx, false).await {
+        Some(Outcome::Done) => PathResult::Pushed {
+            path,
+            nar_size: 0,
+            file_size: 0,
+            log: LogOutcome::NotUploaded,
+        },
+        Some(Outcome::Failed) => PathResult::Failed(PathFailure {
+            message: format!(
+                "{}: its upload, begun by another pass, failed; it is tried again",
+                path.to_absolute()
+            ),
+            path,
+            kind: FailureKind::Transient,
+            hint: None,
+        }),
+        _ => PathResult::Skipped(path),
     }
 }
 

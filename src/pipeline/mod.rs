@@ -14,7 +14,8 @@
 //!    bound by fsync or network latency, not CPU, so [`upload_slots`] of them (more than
 //!    `jobs`) keep many small paths moving while the cores compress the next ones, and a
 //!    file cache shares one directory fsync among all renames in flight. Spooled NARs
-//!    waiting for upload are bounded by the two slot counts together;
+//!    waiting for upload are bounded by the two slot counts together (plus one worker slot
+//!    for a newer run, below);
 //! 4. wait until every reference that was missing has its narinfo in the cache, or, for a
 //!    target that declares [`ordered_commits`](crate::cache::Target::ordered_commits),
 //!    until each was handed over to it;
@@ -36,13 +37,20 @@
 //! gets an outcome in the [`Report`]. Progress is reported as [`Event`]s; printing is the
 //! caller's business.
 //!
+//! Several runs of one pipeline may go at once (the daemon's pass, and what is queued
+//! while it uploads): they share one book of the paths in flight and one set of slots
+//! (`book`), so a path is uploaded once however many runs need it, and a newer run's paths
+//! get free slots first.
+//!
 //! # Layout
 //!
+//! - `book`: the paths in flight and the slots, shared by every run;
 //! - `plan`: closure, the one question to the cache, and what is left to upload;
 //! - `execute`: one task per missing path, slots, ordering and the commit point;
 //! - `prepare`: turning a store path into the NAR a target wants (spooling for plain caches);
 //! - `logs`: the build log of a pushed path, uploaded after its narinfo.
 
+mod book;
 mod execute;
 mod logs;
 mod plan;
@@ -266,6 +274,8 @@ pub struct Pipeline {
     logs_unsupported_said: std::sync::atomic::AtomicBool,
     /// Logs are held in memory while they go up (up to `max-log-size` each): a few at once.
     log_slots: tokio::sync::Semaphore,
+    /// Paths in flight and the slots, shared by every run at once (see `book`).
+    book: book::Book,
 }
 
 impl Pipeline {
@@ -275,6 +285,7 @@ impl Pipeline {
         key: Option<SigningKey>,
         opts: Options,
     ) -> Pipeline {
+        let book = book::Book::new(opts.jobs, upload_slots(opts.jobs));
         Pipeline {
             store,
             target,
@@ -284,6 +295,7 @@ impl Pipeline {
             opened: tokio::sync::OnceCell::new(),
             logs_unsupported_said: std::sync::atomic::AtomicBool::new(false),
             log_slots: tokio::sync::Semaphore::new(LOG_SLOTS),
+            book,
         }
     }
 

@@ -30,6 +30,11 @@ struct Fake {
     log_errors: Mutex<Vec<TargetError>>,
     /// A cache with no place for logs (as Attic and ssh://).
     no_logs: bool,
+    /// How long each NAR takes to store (2 ms when zero).
+    nar_time: Duration,
+    /// NAR uploads under way now, and the most there were at once.
+    nars_now: std::sync::atomic::AtomicUsize,
+    nars_most: std::sync::atomic::AtomicUsize,
 }
 
 impl Fake {
@@ -63,9 +68,18 @@ impl Target for Fake {
             .collect())
     }
     async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError> {
+        use std::sync::atomic::Ordering::SeqCst;
         let name = nar.info.path.name().to_string();
+        let now = self.nars_now.fetch_add(1, SeqCst) + 1;
+        self.nars_most.fetch_max(now, SeqCst);
         // Let other tasks run, so that a wrong order has the chance to show.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        let time = if self.nar_time.is_zero() {
+            Duration::from_millis(2)
+        } else {
+            self.nar_time
+        };
+        tokio::time::sleep(time).await;
+        self.nars_now.fetch_sub(1, SeqCst);
         if let Some(errors) = self.nar_errors.lock().unwrap().get_mut(&name)
             && !errors.is_empty()
         {
@@ -751,4 +765,71 @@ async fn a_channel_lost_under_a_chain_is_retried_until_the_whole_chain_is_stored
     // Each was sent once behind a, and once more after its references were stored.
     let sent: Vec<String> = handed(&channel).into_iter().map(|(n, _)| n).collect();
     assert_eq!(sent, ["a", "b", "c", "a", "b", "c"], "{sent:?}");
+}
+
+/// Two runs of one pipeline at once (the daemon's pass and what was queued meanwhile):
+/// a path both need is uploaded once, the later run's paths wait for it like for one of
+/// their own, and the runs share the upload slots instead of each bringing its own.
+#[tokio::test]
+async fn runs_at_once_upload_a_shared_reference_once_and_share_their_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut graph: Vec<(String, Vec<String>)> = vec![("shared".into(), vec![])];
+    for i in 0..40 {
+        graph.push((format!("old{i}"), vec!["shared".into()]));
+        graph.push((format!("new{i}"), vec!["shared".into()]));
+    }
+    let graph_refs: Vec<(&str, Vec<&str>)> = graph
+        .iter()
+        .map(|(n, r)| (n.as_str(), r.iter().map(String::as_str).collect()))
+        .collect();
+    let graph_slices: Vec<(&str, &[&str])> =
+        graph_refs.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+    let fake = Arc::new(Fake {
+        nar_time: Duration::from_millis(20),
+        ..Fake::default()
+    });
+    let p = Arc::new(pipeline(
+        store(dir.path(), &graph_slices),
+        fake.clone(),
+        dir.path(),
+    ));
+    let old: Vec<String> = (0..40).map(|i| format!("old{i}")).collect();
+    let new: Vec<String> = (0..40).map(|i| format!("new{i}")).collect();
+    let first = {
+        let p = p.clone();
+        let names = old.clone();
+        tokio::spawn(async move {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            push_names(&p, &names).await
+        })
+    };
+    // The second run starts while the first has `shared` in flight.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let names: Vec<&str> = new.iter().map(String::as_str).collect();
+    let second = push_names(&p, &names).await.expect("second run");
+    let first = first.await.expect("join").expect("first run");
+    assert!(
+        first.complete() && second.complete(),
+        "{first:?}\n{second:?}"
+    );
+
+    let log = fake.log.lock().unwrap().clone();
+    for name in std::iter::once("shared")
+        .chain(old.iter().map(String::as_str))
+        .chain(names.iter().copied())
+    {
+        let nars = log.iter().filter(|l| **l == format!("nar {name}")).count();
+        assert_eq!(nars, 1, "{name} uploaded {nars} times:\n{log:?}");
+    }
+    let shared = position(&log, "narinfo shared").expect("shared stored");
+    for name in old.iter().chain(new.iter()) {
+        let at = position(&log, &format!("narinfo {name}")).expect("stored");
+        assert!(at > shared, "{name} was published before its reference");
+    }
+    let most = fake.nars_most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most <= upload_slots(4),
+        "{most} NARs stored at once, more than the {} upload slots both runs share",
+        upload_slots(4)
+    );
 }

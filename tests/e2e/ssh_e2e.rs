@@ -234,6 +234,8 @@ fn assert_verified(store: &str, key: &str, paths: &[StorePath]) {
 
 fn failed_push(env: &Env, url: &str, key: &Path, path: &StorePath) -> String {
     let mut cmd = push_cmd(env, url, key, path);
+    // A host that is down is retried for retry-timeout: a few seconds of it here.
+    cmd.env("NARPOST_RETRY_TIMEOUT", "5");
     let out = cmd.output().expect("run narpost");
     assert!(!out.status.success(), "expected failure: {cmd:?}");
     stderr(&out)
