@@ -96,7 +96,9 @@ impl Book {
     }
 }
 
-/// A counted set of slots that goes to the newest run first (see the module doc).
+/// A counted set of slots that goes to the newest run first (see the module doc). Clones
+/// share the slots.
+#[derive(Clone)]
 pub(super) struct Slots {
     capacity: usize,
     /// Whether the newest run may take one slot beyond `capacity` while older runs hold all.
@@ -234,38 +236,24 @@ impl Drop for SlotPermit {
 mod tests {
     use super::*;
 
+    /// `slots.acquire(run)` on a task of its own, so the test can go on while it waits.
+    fn waiter(slots: &Slots, run: u64) -> tokio::task::JoinHandle<SlotPermit> {
+        let slots = slots.clone();
+        tokio::spawn(async move { slots.acquire(run).await })
+    }
+
     #[tokio::test]
     async fn the_newest_run_gets_the_next_slot_and_one_beyond_when_older_runs_hold_all() {
         let slots = Slots::new(2, true);
         let a1 = slots.acquire(1).await;
         let a2 = slots.acquire(1).await;
         // Run 1 waits behind its own full slots; run 2 takes the extra slot at once.
-        let waiting = tokio::spawn({
-            let state = slots.state.clone();
-            async move {
-                let s = Slots {
-                    capacity: 2,
-                    express: true,
-                    state,
-                };
-                s.acquire(1).await
-            }
-        });
+        let waiting = waiter(&slots, 1);
         tokio::task::yield_now().await;
         let b1 = slots.acquire(2).await;
         assert_eq!(slots.held(), 3);
         // No second extra slot for run 2 while run 1 waits: released slots go newest first.
-        let b2 = tokio::spawn({
-            let state = slots.state.clone();
-            async move {
-                let s = Slots {
-                    capacity: 2,
-                    express: true,
-                    state,
-                };
-                s.acquire(2).await
-            }
-        });
+        let b2 = waiter(&slots, 2);
         tokio::task::yield_now().await;
         assert_eq!(slots.held(), 3);
         drop(a1);
@@ -285,33 +273,11 @@ mod tests {
     async fn a_slot_granted_to_a_waiter_that_left_goes_to_the_next() {
         let slots = Slots::new(1, false);
         let held = slots.acquire(1).await;
-        let gone = tokio::spawn({
-            let state = slots.state.clone();
-            async move {
-                Slots {
-                    capacity: 1,
-                    express: false,
-                    state,
-                }
-                .acquire(2)
-                .await
-            }
-        });
+        let gone = waiter(&slots, 2);
         tokio::task::yield_now().await;
         gone.abort();
         let _ = gone.await;
-        let next = tokio::spawn({
-            let state = slots.state.clone();
-            async move {
-                Slots {
-                    capacity: 1,
-                    express: false,
-                    state,
-                }
-                .acquire(1)
-                .await
-            }
-        });
+        let next = waiter(&slots, 1);
         tokio::task::yield_now().await;
         drop(held);
         let _next = next.await.unwrap();

@@ -63,40 +63,8 @@ fn hostile_server(route: impl Fn(&str, &str, &[u8]) -> Reply + Send + Sync + 'st
 fn serve(mut stream: TcpStream, route: &Route) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
     let mut buf = Vec::new();
-    loop {
-        let head_end = loop {
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let mut chunk = [0u8; 8192];
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut words = head.split_whitespace();
-        let (method, path) = (
-            words.next().unwrap_or("").to_owned(),
-            words.next().unwrap_or("").to_owned(),
-        );
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        buf.drain(..head_end);
-        while buf.len() < length {
-            let mut chunk = vec![0u8; 256 * 1024];
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = buf.drain(..length).collect();
+    while let Some(request) = read_request(&mut stream, &mut buf) {
+        let (method, path, body) = (request.method, request.target, request.body);
         match route(&method, &path, &body) {
             Reply::Full(bytes) => {
                 if stream.write_all(&bytes).is_err() {

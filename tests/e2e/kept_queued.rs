@@ -78,16 +78,6 @@ fn an_idle_daemon_costs_no_cpu_with_an_empty_queue_and_after_a_drain() {
     assert_substitutes(&env, &url, &public, &p);
 }
 
-/// A path of `bytes` random (so incompressible) bytes.
-fn random_path(env: &Env, name: &str, bytes: u64) -> StorePath {
-    let expr = format!(
-        "{}mk \"narpost-{name}\" \"head -c {bytes} /dev/urandom > $out\"\n",
-        nix_prelude(&nonce())
-    );
-    let file = env.write_nix(&format!("{name}.nix"), &expr);
-    nix_build(&file, &[], &[]).remove(0)
-}
-
 /// Asserts `path` is still queued and rooted, nothing was given up on, and the cache does
 /// not have it.
 fn assert_kept(env: &Env, daemon: &Daemon, gcroots: &Path, path: &StorePath, cache: &CacheDir) {

@@ -83,38 +83,9 @@ impl Drop for FaultProxy {
 fn relay(mut client: TcpStream, upstream: u16, fault: &Fault, faults: &AtomicUsize) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buf = Vec::new();
-    loop {
-        let head_end = loop {
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let mut chunk = [0u8; 16384];
-            match client.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut words = head.split_whitespace();
-        let method = words.next().unwrap_or("").to_owned();
-        let target = words.next().unwrap_or("").to_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        buf.drain(..head_end);
-        while buf.len() < length {
-            let mut chunk = vec![0u8; 256 * 1024];
-            match client.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = buf.drain(..length).collect();
+    while let Some(request) = read_request(&mut client, &mut buf) {
+        let (method, target, head, body) =
+            (request.method, request.target, request.head, request.body);
         if let Some(answer) = fault(&method, &target) {
             faults.fetch_add(1, Ordering::SeqCst);
             if client.write_all(&answer).is_err() {
@@ -160,16 +131,6 @@ fn s3_error(code: &str, message: &str) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>4442587FB7D0A2F9</RequestId></Error>"
     )
-}
-
-/// A path of `bytes` random bytes: above the multipart threshold (16 MiB) it goes up in parts.
-fn random_path(env: &Env, name: &str, bytes: u64) -> StorePath {
-    let expr = format!(
-        "{}mk \"narpost-{name}\" \"head -c {bytes} /dev/urandom > $out\"\n",
-        nix_prelude(&nonce())
-    );
-    let file = env.write_nix(&format!("{name}.nix"), &expr);
-    nix_build(&file, &[], &[]).remove(0)
 }
 
 /// A daemon draining into the bucket through `proxy`: queues `path` through the hook, waits

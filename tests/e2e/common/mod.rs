@@ -188,6 +188,17 @@ in
     )
 }
 
+/// A new path holding `bytes` random (so incompressible) bytes; above the S3 multipart
+/// threshold (16 MiB) it goes up in parts.
+pub fn random_path(env: &Env, name: &str, bytes: u64) -> StorePath {
+    let expr = format!(
+        "{}mk \"narpost-{name}\" \"head -c {bytes} /dev/urandom > $out\"\n",
+        nix_prelude(&nonce())
+    );
+    let file = env.write_nix(&format!("{name}.nix"), &expr);
+    nix_build(&file, &[], &[]).remove(0)
+}
+
 /// Builds `attrs` of `file` (all of it when empty) and returns the output paths.
 pub fn nix_build(file: &Path, attrs: &[&str], extra: &[&str]) -> Vec<StorePath> {
     let mut cmd = nix("nix-build");
@@ -837,6 +848,58 @@ pub fn queue_depth(env: &Env, config: &Path) -> u64 {
     status["queue_depth"]
         .as_u64()
         .unwrap_or_else(|| panic!("no queue_depth in {status}"))
+}
+
+/// One HTTP/1.1 request as a test server reads it.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    /// The request line and headers, up to the blank line.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads the next request off `stream`: its head, then a body of its `Content-Length` (the
+/// clients tested here always send one). `buf` keeps what was read past it, for the next
+/// request on the connection. `None` once the client closes or goes quiet.
+pub fn read_request(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 16384];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or("").to_owned();
+    let target = words.next().unwrap_or("").to_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    buf.drain(..head_end);
+    while buf.len() < length {
+        let mut chunk = vec![0u8; 256 * 1024];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf.drain(..length).collect();
+    Some(Request {
+        method,
+        target,
+        head,
+        body,
+    })
 }
 
 /// A server that answers every request with the same canned response, recording nothing.
