@@ -286,6 +286,13 @@ pub async fn run(cfg: &Config, opts: CheckOptions) -> anyhow::Result<bool> {
         crate::app::signing_key(cfg, false)?.map(|k| k.public())
     };
     let store = pipeline.store().clone();
+    // As the pipeline decides it: a host's store over ssh takes no path without its
+    // references, so nothing there is left to upstream.
+    let upstream_keys = if target.leaves_upstream_paths() {
+        cfg.upstream_keys.clone()
+    } else {
+        Vec::new()
+    };
 
     let (todo, upstream, listed) = if opts.paths.is_empty() {
         let hashes = target
@@ -306,13 +313,8 @@ pub async fn run(cfg: &Config, opts: CheckOptions) -> anyhow::Result<bool> {
         let store2 = store.clone();
         let infos: Vec<PathInfo> =
             tokio::task::spawn_blocking(move || store2.closure(&roots)).await??;
-        let keys = if target.leaves_upstream_paths() {
-            cfg.upstream_keys.clone()
-        } else {
-            Vec::new()
-        };
         let (up, own): (Vec<&PathInfo>, Vec<&PathInfo>) =
-            infos.iter().partition(|i| signed_by_any(i, &keys));
+            infos.iter().partition(|i| signed_by_any(i, &upstream_keys));
         let todo = own
             .iter()
             .map(|i| (i.path.hash_part().to_owned(), Some(i.path.clone())))
@@ -328,11 +330,7 @@ pub async fn run(cfg: &Config, opts: CheckOptions) -> anyhow::Result<bool> {
         key,
         deep: opts.deep,
         upstream,
-        upstream_keys: if target.leaves_upstream_paths() {
-            cfg.upstream_keys.clone()
-        } else {
-            Vec::new()
-        },
+        upstream_keys,
         store: store.clone(),
         exists: Mutex::new(exists),
     };

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::daemon::*;
 use common::*;
-use narpost::format::store_path::StorePath;
 
 /// User plus system CPU time of the processes behind a daemon: the one started and the
 /// drainer it forks (see narpost::priority), threads included.
@@ -76,23 +75,6 @@ fn an_idle_daemon_costs_no_cpu_with_an_empty_queue_and_after_a_drain() {
     std::thread::sleep(Duration::from_secs(1));
     assert_idle(&env, &daemon, "after a drain");
     assert_substitutes(&env, &url, &public, &p);
-}
-
-/// Asserts `path` is still queued and rooted, nothing was given up on, and the cache does
-/// not have it.
-fn assert_kept(env: &Env, daemon: &Daemon, gcroots: &Path, path: &StorePath, cache: &CacheDir) {
-    let status = status_json(env);
-    assert_eq!(
-        status["failed"],
-        serde_json::json!([]),
-        "{status}\n{}",
-        daemon.log()
-    );
-    assert_eq!(status["queue_depth"], 1, "{status}");
-    assert_eq!(queued_paths(&env.state()), BTreeSet::from([path.clone()]));
-    assert!(rooted(gcroots).contains(path), "the GC root is kept");
-    assert!(!cache.has(path));
-    cache.assert_complete();
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 use crate::common;
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -171,17 +170,7 @@ fn drain_through_fault(
         Duration::from_secs(60),
         || status_json(env)["last_error"].is_string(),
     );
-    let status = status_json(env);
-    assert_eq!(
-        status["failed"],
-        serde_json::json!([]),
-        "{status}\n{}",
-        daemon.log()
-    );
-    assert_eq!(status["queue_depth"], 1, "{status}");
-    assert_eq!(queued_paths(&env.state()), BTreeSet::from([path.clone()]));
-    assert!(rooted(&gcroots).contains(path), "the GC root is kept");
-    assert!(!server.cache().has(path));
+    assert_kept(env, &daemon, &gcroots, path, &server.cache());
 
     failing.store(false, Ordering::SeqCst);
     wait_drained(env, &daemon, Duration::from_secs(180));

@@ -305,3 +305,20 @@ pub fn simple_paths(env: &Env, names: &[&str]) -> Vec<StorePath> {
     assert_eq!(out.len(), names.len());
     out
 }
+
+/// Asserts `path` is still queued and rooted, nothing was given up on, and the cache does
+/// not have it.
+pub fn assert_kept(env: &Env, daemon: &Daemon, gcroots: &Path, path: &StorePath, cache: &CacheDir) {
+    let status = status_json(env);
+    assert_eq!(
+        status["failed"],
+        serde_json::json!([]),
+        "{status}\n{}",
+        daemon.log()
+    );
+    assert_eq!(status["queue_depth"], 1, "{status}");
+    assert_eq!(queued_paths(&env.state()), BTreeSet::from([path.clone()]));
+    assert!(rooted(gcroots).contains(path), "the GC root is kept");
+    assert!(!cache.has(path));
+    cache.assert_complete();
+}
