@@ -1,5 +1,5 @@
-//! The drain loop (see the [module doc](super)): passes over the queue, backoff while
-//! uploads fail, and the end of a run.
+//! The drain loop (see the [module doc](super)): reads of the queue that start runs (see
+//! `session`), backoff while uploads fail, and shutdown.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -9,14 +9,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::entries::{Loaded, load, union_of};
-use super::lane::{Lane, LaneRun, Settled};
+use super::entries::{Held, Loaded, load};
+use super::session::{RunDone, Session, Settled};
 use super::{DrainState, SPOOL_DIR, STATE_FILE, now};
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineError, Plan, Report, RetryPolicy};
 use crate::private_dir::PrivateDir;
+use crate::progress::count;
 use crate::queue::{Entry, EntryId, GcRoots, Queue};
 
 /// Longest wait between attempts while the cache is down.
@@ -45,7 +46,7 @@ pub struct Drainer {
     /// Problems of the drainer's own under way (see [`Drainer::problem`]).
     failing: BTreeSet<&'static str>,
     backoff: Duration,
-    /// When to look for orphaned GC roots next; `None` before the first pass.
+    /// When to look for orphaned GC roots next; `None` before the first read.
     next_adoption: Option<Instant>,
     /// Entries whose roots this drainer has made durable (see [`make_roots_durable`]).
     rooted: HashSet<EntryId>,
@@ -171,14 +172,12 @@ impl Drainer {
         self.state.last_error_at = Some(now());
     }
 
-    /// One pass over the queue. Returns whether the cache looked down (so the caller waits).
-    /// While the pass uploads, entries queued after it started go out in lanes beside it
-    /// (see [`lane`](super::lane)), so a build that ends during a long pass need not wait
-    /// for it.
-    async fn drain_once(
+    /// Reads the entries no run holds and, if there are any, adds a run for them to the
+    /// session. Returns whether to wait before the next read (the cache looked down).
+    async fn start_run(
         &mut self,
+        session: &mut Session,
         cancel: &CancellationToken,
-        wake: &mut mpsc::Receiver<()>,
     ) -> anyhow::Result<bool> {
         let queue = self.queue.clone();
         let roots = self.roots.clone();
@@ -189,107 +188,64 @@ impl Drainer {
             Some(_) => None,
         };
         let rooted = std::mem::take(&mut self.rooted);
+        let held = Held {
+            ids: session.held_ids(),
+            paths: session.held_paths(),
+        };
         // Read the queue and check validity off the async threads: both touch the disk.
         let loaded = tokio::task::spawn_blocking(move || {
-            load(
-                &queue,
-                &roots,
-                &store,
-                adopt_before,
-                rooted,
-                &HashSet::new(),
-            )
+            load(&queue, &roots, &store, adopt_before, rooted, &held)
         })
         .await??;
         let entries = self.take_loaded(loaded)?;
-        if entries.is_empty() {
-            // Nothing to upload says nothing about the cache: while it counts as down, ask it
-            // directly, so `status` does not go on saying "down" over an empty queue.
-            if self.down {
-                return match self.pipeline.target().open().await {
-                    Ok(()) => {
-                        self.cache_up();
-                        Ok(false)
-                    }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        self.record_error(&msg);
-                        self.cache_down(&msg);
-                        Ok(true)
-                    }
-                };
-            }
+        if !entries.is_empty() {
+            session.add(self.pipeline.clone(), entries, cancel.clone());
             return Ok(false);
         }
-
-        let plan = match self.pipeline.plan(&union_of(&entries), true).await {
-            Ok(p) => p,
+        // Nothing to upload says nothing about the cache: while it counts as down and no
+        // run would tell, ask it directly, so `status` does not go on saying "down" over an
+        // empty queue.
+        if !self.down || !session.is_empty() {
+            return Ok(false);
+        }
+        match self.pipeline.target().open().await {
+            Ok(()) => {
+                self.cache_up();
+                Ok(false)
+            }
             Err(e) => {
                 let msg = e.to_string();
                 self.record_error(&msg);
-                if e.is_retryable() {
-                    self.cache_down(&msg);
-                    return Ok(true);
-                }
+                self.cache_down(&msg);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Books a run that ended: its entries are acknowledged, failed or left queued. Returns
+    /// whether to wait before the next read (something stays queued for a transient cause).
+    fn finish_run(&mut self, done: RunDone, cancel: &CancellationToken) -> anyhow::Result<bool> {
+        let (plan, report) = match done.upload {
+            Ok(upload) => upload,
+            Err(e) => {
+                // Its entries stay queued, for the next read after the backoff.
+                let msg = e.to_string();
+                self.record_error(&msg);
                 if let PipelineError::Target(t) = &e {
-                    // Credentials or a refusing cache: keep everything queued and keep trying
-                    // slowly; the user sees the error in the log and in `status`.
-                    self.state.needs_attention = Some(with_hint(&msg, t.hint.as_deref()));
-                    self.cache_down(&msg);
-                    return Ok(true);
+                    if !e.is_retryable() {
+                        // Credentials or a refusing cache: keep everything queued and keep
+                        // trying slowly; the user sees the error in the log and in `status`.
+                        self.state.needs_attention = Some(with_hint(&msg, t.hint.as_deref()));
+                    }
+                } else if !e.is_retryable() {
+                    return Err(e.into());
                 }
-                return Err(e.into());
+                self.cache_down(&msg);
+                return Ok(true);
             }
         };
-
-        let pipeline = self.pipeline.clone();
-        let execute = pipeline.execute(&plan, cancel);
-        tokio::pin!(execute);
-        let mut known: HashSet<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
-        let mut lane: Option<Lane> = None;
-        let mut lanes = Settled::default();
-        // A lane that failed on its own (the queue or the store unreadable) is reported
-        // once the pass is booked: ending the pass for it would drop the uploads under way.
-        let mut lane_error: Option<anyhow::Error> = None;
-        // watch-exec's last drain has nobody left to queue anything: its channel is closed.
-        let mut listening = true;
-        let report = loop {
-            let more = lane.is_none() && lane_error.is_none() && !cancel.is_cancelled();
-            tokio::select! {
-                report = &mut execute => break report,
-                run = async { lane.as_mut().expect("guarded by is_some").await }, if lane.is_some() => {
-                    lane = None;
-                    match self.take_lane(run, &mut known) {
-                        Ok(settled) => lanes.add(settled),
-                        Err(e) => lane_error = Some(e),
-                    }
-                }
-                woke = wake.recv(), if more && listening => {
-                    if woke.is_some() {
-                        lane = Some(self.lane(&known, cancel));
-                    } else {
-                        listening = false;
-                    }
-                }
-                _ = tokio::time::sleep(POLL), if more => {
-                    lane = Some(self.lane(&known, cancel));
-                }
-            }
-        };
-        if let Some(run) = lane.take() {
-            match self.take_lane(run.await, &mut known) {
-                Ok(settled) => lanes.add(settled),
-                Err(e) => lane_error = Some(e),
-            }
-        }
-        let mut settled = self.settle(&entries, &plan, &report)?;
-        settled.add(lanes);
-        if let Some(e) = lane_error {
-            self.write_state();
-            return Err(e);
-        }
-
-        // Back to normal only when a whole pass went through: a cache that answers the
+        let settled = self.settle(&done.entries, &plan, &report)?;
+        // Back to normal only when a whole run went through: a cache that answers the
         // planning queries but fails uploads, or a full spool disk, is still "down".
         if settled.attention.is_some() || settled.failure.is_none() {
             self.state.needs_attention = settled.attention;
@@ -308,47 +264,6 @@ impl Drainer {
         Ok(settled.transient && !cancel.is_cancelled())
     }
 
-    /// Starts a lane for what was queued since `known` was listed.
-    fn lane(&self, known: &HashSet<EntryId>, cancel: &CancellationToken) -> Lane {
-        Box::pin(super::lane::run(
-            self.pipeline.clone(),
-            self.queue.clone(),
-            self.roots.clone(),
-            known.clone(),
-            cancel.clone(),
-        ))
-    }
-
-    /// Books a finished lane: its entries become known to this pass, and are acknowledged,
-    /// failed or kept like the pass's own.
-    fn take_lane(
-        &mut self,
-        run: anyhow::Result<LaneRun>,
-        known: &mut HashSet<EntryId>,
-    ) -> anyhow::Result<Settled> {
-        let run = run?;
-        known.extend(run.loaded.good.iter().map(|e| e.id.clone()));
-        known.extend(run.loaded.invalid.iter().map(|(e, _)| e.id.clone()));
-        let entries = self.take_loaded(run.loaded)?;
-        let settled = match run.upload {
-            None => Settled::default(),
-            Some(Err(e)) => {
-                // Its entries stay queued for the next pass; this pass counts the failure
-                // as its own when it decides whether the cache is down.
-                let msg = e.to_string();
-                self.record_error(&msg);
-                Settled {
-                    transient: true,
-                    failure: Some(msg),
-                    attention: None,
-                }
-            }
-            Some(Ok((plan, report))) => self.settle(&entries, &plan, &report)?,
-        };
-        self.write_state();
-        Ok(settled)
-    }
-
     /// Logs what reading the queue found (roots, adoption), fails the entries whose paths are
     /// gone from the store, and returns the rest, to upload.
     fn take_loaded(&mut self, loaded: Loaded) -> anyhow::Result<Vec<Entry>> {
@@ -356,7 +271,7 @@ impl Drainer {
         match loaded.rooting {
             Ok(()) => self.resolved("roots", "GC roots can be written again"),
             Err(msg) => {
-                // Tried again next pass; said once.
+                // Tried again next read; said once.
                 if self.problem(
                     "roots",
                     &format!("{msg}; queued paths may not be protected from garbage collection"),
@@ -371,7 +286,7 @@ impl Drainer {
                 self.next_adoption = Some(Instant::now() + ADOPT_EVERY);
             }
             Some(Err(msg)) => {
-                // Tried again next pass.
+                // Tried again next read.
                 self.record_error(&msg);
                 self.problem(
                     "adopt",
@@ -535,56 +450,86 @@ impl Drainer {
         grace: Duration,
     ) -> anyhow::Result<Totals> {
         self.write_state();
+        let mut session = Session::default();
         // Whether wake-ups can still come (watch-exec's last drain has nobody to send any).
         let mut listening = true;
+        // Whether to read the queue for new entries as soon as no backoff holds it back.
+        let mut read = true;
+        // While uploads fail: no read before this.
+        let mut backoff_until: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 break;
             }
-            // In-flight work may outlive `stop` only by the drain timeout.
-            let inner = stop.child_token();
-            let deadline = {
-                let stop = stop.clone();
-                let inner = inner.clone();
-                async move {
-                    stop.cancelled().await;
-                    inner.cancel();
-                    tokio::time::sleep(grace).await;
-                }
-            };
-            let wait = tokio::select! {
-                r = self.drain_once(&inner, &mut wake) => match r {
+            if read && backoff_until.is_none_or(|t| Instant::now() >= t) {
+                read = false;
+                backoff_until = None;
+                match self.start_run(&mut session, &stop).await {
                     Ok(wait) => {
                         self.resolved("drain", "draining normally again");
-                        wait
+                        if wait {
+                            backoff_until = Some(Instant::now() + self.jittered_backoff());
+                        }
                     }
                     Err(e) => {
                         self.own_error(&crate::error::chain(&e));
-                        true
+                        backoff_until = Some(Instant::now() + self.jittered_backoff());
+                        read = true;
                     }
-                },
-                _ = deadline => {
-                    tracing::warn!("drain timeout reached; uploads under way were stopped and stay queued");
-                    break;
                 }
-            };
-            if until_empty && self.queue.depth()? == 0 {
+            }
+            if until_empty && session.is_empty() && self.queue.depth()? == 0 {
                 break;
             }
-            let delay = if wait { self.jittered_backoff() } else { POLL };
+            let tick = backoff_until.unwrap_or_else(|| Instant::now() + POLL);
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-                w = wake.recv(), if !wait && listening => {
-                    // A closed channel answers at once, every time: without this the loop
-                    // would never sleep again.
-                    if w.is_none() {
-                        listening = false;
+                done = session.next() => {
+                    let wait = match self.finish_run(done, &stop) {
+                        Ok(wait) => wait,
+                        Err(e) => {
+                            self.own_error(&crate::error::chain(&e));
+                            true
+                        }
+                    };
+                    if wait {
+                        // What stays queued is read again after the backoff.
+                        backoff_until = Some(Instant::now() + self.jittered_backoff());
+                        read = true;
                     }
                 }
+                w = wake.recv(), if listening => {
+                    // A closed channel answers at once, every time: without this the loop
+                    // would never sleep again.
+                    match w {
+                        Some(()) => read = true,
+                        None => listening = false,
+                    }
+                    // Coalesce a burst of wake-ups into one read.
+                    while listening && wake.try_recv().is_ok() {}
+                }
+                _ = tokio::time::sleep_until(tick.into()) => read = true,
             }
-            // Coalesce a burst of wake-ups into one pass.
-            while listening && wake.try_recv().is_ok() {}
+        }
+        // The runs under way saw `stop` (nothing new starts); their uploads under way get
+        // the grace period to finish.
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        while !session.is_empty() {
+            tokio::select! {
+                done = session.next() => {
+                    if let Err(e) = self.finish_run(done, &stop) {
+                        self.own_error(&crate::error::chain(&e));
+                    }
+                }
+                _ = &mut deadline => {
+                    tracing::warn!(
+                        "drain timeout reached; {} under way were stopped and stay queued",
+                        count(session.len() as u64, "upload run", "upload runs")
+                    );
+                    break;
+                }
+            }
         }
         self.write_state();
         Ok(Totals {

@@ -1,5 +1,5 @@
-//! Reading the queue for a pass or a lane: the entries, their paths checked against the
-//! store, their GC roots made durable, and (for a pass) orphaned roots adopted.
+//! Reading the queue for a new run: the entries no run holds, their paths checked against
+//! the store, their GC roots made durable, and (when due) orphaned roots adopted.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::SystemTime;
@@ -22,7 +22,13 @@ pub(super) struct Loaded {
     pub rooting: Result<(), String>,
 }
 
-/// Reads the entries not in `known`, adopting orphaned roots older than `adopt_before` if
+/// The entries runs under way hold: not read again, and their paths are no orphans.
+pub(super) struct Held {
+    pub ids: HashSet<EntryId>,
+    pub paths: HashSet<StorePath>,
+}
+
+/// Reads the entries not `held`, adopting orphaned roots older than `adopt_before` if
 /// given. `rooted` holds the entries whose roots were made durable before. Blocking.
 pub(super) fn load(
     queue: &Queue,
@@ -30,8 +36,9 @@ pub(super) fn load(
     store: &Store,
     adopt_before: Option<SystemTime>,
     mut rooted: HashSet<EntryId>,
-    known: &HashSet<EntryId>,
+    held: &Held,
 ) -> anyhow::Result<Loaded> {
+    let known = &held.ids;
     let mut entries = Vec::new();
     for item in queue.list_except(known)? {
         match item {
@@ -52,17 +59,16 @@ pub(super) fn load(
         }
     }
     // Failing to adopt (a full disk) must not stop the entries already queued.
-    let adopted =
-        adopt_before.map(
-            |cutoff| match adopt_orphans(queue, roots, store, &entries, cutoff) {
-                Ok(Some(entry)) => {
-                    entries.push(entry);
-                    Ok(())
-                }
-                Ok(None) => Ok(()),
-                Err(e) => Err(crate::error::chain(&e)),
-            },
-        );
+    let adopted = adopt_before.map(|cutoff| {
+        match adopt_orphans(queue, roots, store, &entries, &held.paths, cutoff) {
+            Ok(Some(entry)) => {
+                entries.push(entry);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(crate::error::chain(&e)),
+        }
+    });
     let mut invalid = Vec::new();
     let mut good = Vec::new();
     for e in entries {

@@ -7,18 +7,18 @@
 //! `<state>/drain-spool/` (NARs compressed for uploads under way; emptied at start-up, since
 //! a predecessor killed mid-upload leaves its files there). The loop:
 //!
-//! - reads every queued entry (after adopting orphaned GC roots, see below), drops paths
+//! - reads the queued entries (after adopting orphaned GC roots, see below), drops paths
 //!   that are no longer valid in the store (such an entry moves to the failed list with its
 //!   reason), and pushes the union of the rest, with their closures, through the one
-//!   pipeline (which skips what the cache has); entries queued while that pass uploads go
-//!   out in lanes beside it (see the `lane` module), so a new build never waits for a
-//!   backlog;
+//!   pipeline (which skips what the cache has); it reads again on every wake-up while
+//!   uploads are under way and starts a run beside them for what it had not seen (see the
+//!   `session` module), so a new build never waits for a backlog;
 //! - acknowledges an entry (deletes it, releases its GC roots) only when every one of its
 //!   paths is in the cache; an entry with a permanently failing path (NarHash mismatch) moves
 //!   to the failed list; anything transient stays queued;
 //! - while uploads fail (the cache down, or the spool disk full), waits with capped
 //!   exponential backoff and jitter, logging one line when they start failing and one when a
-//!   whole pass goes through again;
+//!   whole run goes through again;
 //! - wakes up on inotify events in the queue directory (new entries), or every few seconds;
 //! - an error of its own (the state directory full or unreadable, the store database busy)
 //!   is logged once, shown by `status`, and retried with the same backoff; it never ends
@@ -38,9 +38,9 @@
 
 mod drainer;
 mod entries;
-mod lane;
 mod lock;
 mod roots;
+mod session;
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -77,8 +77,8 @@ fn now() -> u64 {
 /// Sends a wake-up whenever an entry may have arrived in `dir`.
 ///
 /// Only arrivals count: inotify also reports every open and read of the directory, and the
-/// drainer itself opens it on each pass (listing it, syncing it after an acknowledgement),
-/// so waking on those would make each pass start the next one and an idle daemon spin.
+/// drainer itself opens it on each read (listing it, syncing it after an acknowledgement),
+/// so waking on those would make each read start the next one and an idle daemon spin.
 pub fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     use notify::Watcher;
     let (tx, rx) = mpsc::channel(1);

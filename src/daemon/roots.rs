@@ -9,16 +9,20 @@ use crate::queue::{Entry, EntryId, GcRoots, Queue};
 use crate::store::Store;
 
 /// Queues, as one new entry, the valid paths that have a GC root created before `cutoff`
-/// but are in none of `entries`; removes roots of paths gone from the store. Blocking.
+/// but are in none of `entries` and not `held` by a run under way; removes roots of paths gone from the store. Blocking.
 pub(super) fn adopt_orphans(
     queue: &Queue,
     roots: &GcRoots,
     store: &Store,
     entries: &[Entry],
+    held: &HashSet<StorePath>,
     cutoff: SystemTime,
 ) -> anyhow::Result<Option<Entry>> {
-    let queued: std::collections::HashSet<&StorePath> =
-        entries.iter().flat_map(|e| e.paths.iter()).collect();
+    let queued: HashSet<&StorePath> = entries
+        .iter()
+        .flat_map(|e| e.paths.iter())
+        .chain(held)
+        .collect();
     let mut adopt = Vec::new();
     for path in roots.list_created_before(Some(cutoff))? {
         if queued.contains(&path) {

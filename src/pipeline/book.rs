@@ -1,7 +1,7 @@
 //! The book of one pipeline's paths in flight, shared by all its runs at once.
 //!
-//! The daemon runs a pass over the queue and, while that pass uploads a backlog, runs what
-//! is queued meanwhile beside it (see the daemon's `lane` module). Two runs at once must not
+//! The daemon starts a run for what is queued whenever it reads the queue, beside the runs
+//! still uploading a backlog (see the daemon's `session` module). Two runs at once must not
 //! upload the same path twice, and must not together hold more spooled NARs than one run
 //! promises. So every run of a pipeline enters the paths it uploads here, and takes its
 //! slots from here:

@@ -37,8 +37,8 @@
 //! gets an outcome in the [`Report`]. Progress is reported as [`Event`]s; printing is the
 //! caller's business.
 //!
-//! Several runs of one pipeline may go at once (the daemon's pass, and what is queued
-//! while it uploads): they share one book of the paths in flight and one set of slots
+//! Several runs of one pipeline may go at once (the daemon's run for a backlog, and one
+//! for each read of what is queued while it uploads): they share one book of the paths in flight and one set of slots
 //! (`book`), so a path is uploaded once however many runs need it, and a newer run's paths
 //! get free slots first.
 //!
