@@ -181,7 +181,9 @@ pub trait Target: Send + Sync {
     /// Store the NAR; returns the narinfo `URL` it can be fetched from, relative to the cache.
     async fn put_nar(&self, nar: &PreparedNar) -> Result<String, TargetError>;
 
-    /// Store the narinfo: the commit point after which substituters see the path.
+    /// Store the narinfo: the commit point after which substituters see the path. A
+    /// [`NarBody::Spooled`] body is gone by then (its spool file is removed once `put_nar`
+    /// stored it); a target that sends the NAR with the narinfo takes it [`NarBody::Raw`].
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError>;
 
     /// Whether commits go out on ordered channels: a narinfo handed over with

@@ -228,6 +228,10 @@ impl Pipeline {
             Ok(u) => u,
             Err(e) => return PathResult::Failed(target_failure(&path, e)),
         };
+        // The NAR is stored: a spooled copy is not needed again (targets that read the NAR
+        // when the narinfo goes, ssh and Attic, take it raw from the store), and a path
+        // waiting for its references must not hold spool space the slots do not count.
+        drop(guard);
         drop(upload_permit);
 
         // With ordered commits a reference handed over is as good as stored: this path
@@ -315,7 +319,6 @@ impl Pipeline {
         if let Err(e) = committed {
             return PathResult::Failed(target_failure(&path, e));
         }
-        drop(guard);
         let file_size = match &prepared.body {
             NarBody::Spooled(s) => s.file_size,
             NarBody::Raw(_) => info.nar_size,

@@ -1199,3 +1199,106 @@ fn a_build_that_ends_during_a_long_upload_is_in_the_cache_before_that_upload_end
     assert!(daemon.log().contains("pushed 2 paths,"), "{}", daemon.log());
     assert_substitutes(&env, &nginx.url(), &public, &big);
 }
+
+/// A base and `n` small leaves on it, per batch: `a` is built before the daemon starts,
+/// `b` while it uploads the base.
+fn shared_base_expr(n: usize) -> String {
+    let mut expr = nix_prelude(&nonce());
+    expr.push_str(
+        "rec {\n  base = mk \"narpost-shared-base\" \"head -c 2M /dev/urandom > $out\";\n",
+    );
+    for batch in ["a", "b"] {
+        let leaves: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    "(mk \"narpost-shared-{batch}{i}\" \"(echo ${{base}}; head -c 32K /dev/urandom) > $out\")"
+                )
+            })
+            .collect();
+        expr.push_str(&format!("  {batch} = [ {} ];\n", leaves.join(" ")));
+    }
+    expr.push_str("}\n");
+    expr
+}
+
+#[test]
+fn a_reference_in_flight_is_uploaded_once_and_the_spool_stays_within_its_bound() {
+    const JOBS: usize = 1;
+    let env = Env::new();
+    let nginx = Nginx::start(env.path());
+    // 2 MiB at 256 KiB/s per connection: the base is in flight for eight seconds, while
+    // the leaves (32 KiB each) go up in an eighth of a second and wait for it.
+    let slow = Throttle::start(nginx.port, 256 << 10);
+    let (key, public) = env.keygen("daemon-shared-1");
+    let hooked = HookedNix::install(&env, &env.path().join("gcroots"));
+    let file = env.write_nix("shared.nix", &shared_base_expr(16));
+    let base = hooked.build(&file, &["base"]);
+    let a = hooked.build(&file, &["a"]);
+    let cache = nginx.cache();
+
+    let spool = env.state().join("drain-spool");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (spool, sampling) = (spool.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(dir) = fs::read_dir(&spool) {
+                    most = most.max(dir.count());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            most
+        })
+    };
+    let mut daemon = Daemon::start_with(&env, &slow.url(), &key, 30, |cmd| {
+        cmd.env("NARPOST_JOBS", JOBS.to_string());
+    });
+    wait_for(
+        &daemon,
+        "the base's upload to be under way",
+        Duration::from_secs(20),
+        || slow.sent.load(Ordering::Relaxed) > 512 << 10,
+    );
+    // Queued while the first run uploads the base: a second run, whose leaves refer to it.
+    let b = hooked.build(&file, &["b"]);
+    assert!(
+        !cache.has(&base[0]),
+        "the base was in the cache before the second batch was queued, so this shows nothing:\n{}",
+        daemon.log()
+    );
+    wait_drained(&env, &daemon, Duration::from_secs(60));
+    sampling.store(false, Ordering::Relaxed);
+    let most = sampler.join().expect("the spool sampler");
+    daemon.stop(Duration::from_secs(10));
+
+    let puts: Vec<String> = nginx
+        .puts()
+        .into_iter()
+        .filter(|u| u != "/nix-cache-info")
+        .collect();
+    let mut seen = BTreeSet::new();
+    let twice: Vec<&String> = puts.iter().filter(|u| !seen.insert(*u)).collect();
+    assert!(twice.is_empty(), "uploaded more than once: {twice:?}");
+    let base_narinfo = format!("/{}.narinfo", base[0].hash_part());
+    assert_eq!(
+        puts.iter().filter(|u| **u == base_narinfo).count(),
+        1,
+        "{puts:?}"
+    );
+    assert_eq!(puts.len(), 2 * (1 + a.len() + b.len()), "{puts:?}");
+    let problems = upload_order_problems(&puts, &cache);
+    assert!(problems.is_empty(), "{problems:?}");
+    cache.assert_complete();
+
+    // Spooled NARs: those prepared (`jobs` worker slots, one more for the newest run) and
+    // those uploading; a NAR that went up leaves the spool while its path waits.
+    let bound = JOBS + 1 + narpost::pipeline::upload_slots(JOBS);
+    assert!(most <= bound, "{most} NARs spooled at once, bound {bound}");
+    assert!(
+        most >= narpost::pipeline::upload_slots(JOBS),
+        "{most} NARs spooled at once: the uploads never filled their slots, so this shows nothing"
+    );
+    eprintln!("at most {most} NARs spooled at once (bound {bound})");
+    assert_substitutes(&env, &nginx.url(), &public, &b);
+}
