@@ -18,15 +18,18 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
                 - nix copy --to ssh://    (the same URL; it signs nothing, narpost signs)
   tiny paths    1,000 store paths of one small file each
                 - narpost push, nix copy
-                - over ssh: narpost push, nix copy --to ssh:// (as for the big closure)
+                - over ssh: narpost push, nix copy --to ssh:// (as for the big closure), on
+                  loopback and through benches/delay-proxy (--ssh-delay-ms each way, 5 by
+                  default: a host 10 ms away; this kernel has no netem)
   chain         200 store paths of one small file each, each referring to the one before
                 - over ssh only: narpost push, nix copy --to ssh:// (as for the big
                   closure); a host's store takes a path only after its reference, so this
-                  is where waiting for each answer before the next path would show
+                  is where waiting for each answer before the next path would show; on
+                  loopback and 10 ms away
 
 Peak RSS is each command's maximum resident set (of the process tree, from wait4).
 Usage: benches/push.py [--runs N] [--narpost PATH] [--skip-big] [--skip-tiny] [--skip-s3]
-       [--skip-ssh] [--ssh-only] [--skip-chain] [--chain-depth N]
+       [--skip-ssh] [--ssh-only] [--skip-chain] [--chain-depth N] [--ssh-delay-ms MS]
 """
 
 import argparse
@@ -183,6 +186,8 @@ def main():
     ap.add_argument("--tiny-count", type=int, default=1000)
     ap.add_argument("--skip-chain", action="store_true")
     ap.add_argument("--chain-depth", type=int, default=200)
+    ap.add_argument("--ssh-delay-ms", type=float, default=5,
+                    help="one-way delay of the far ssh rows (0: none of them)")
     args = ap.parse_args()
     narpost = os.path.abspath(args.narpost)
     for tool in ["nix-build", "nix-store", "nix", "zstd"]:
@@ -198,6 +203,7 @@ def main():
     key = os.path.join(keydir, "bench-1.sec")
     state = os.path.join(scratch, "state")
     rows = []
+    syncs = []
 
     def narpost_cmd(paths, extra=()):
         return lambda dest: (
@@ -250,24 +256,78 @@ def main():
                 ssh_group = f"tiny paths over ssh ({len(tiny)} paths)"
                 for name, t, m in ssh_runs(args.runs, narpost, state, key, tiny, ["--no-closure"], scratch):
                     rows.append((ssh_group, name, t, m, size))
+                if args.ssh_delay_ms:
+                    # The proxy's own cost (Python, on these cores), for scale: no delay.
+                    floor = f"tiny over ssh, proxy, 0 ms ({len(tiny)})"
+                    for name, t, m in ssh_runs(args.runs, narpost, state, key, tiny, ["--no-closure"], scratch,
+                                               0.001):
+                        rows.append((floor, name, t, m, size))
+                    far = f"tiny over ssh, {2 * args.ssh_delay_ms:g} ms away ({len(tiny)})"
+                    for name, t, m in ssh_runs(args.runs, narpost, state, key, tiny, ["--no-closure"], scratch,
+                                               args.ssh_delay_ms):
+                        rows.append((far, name, t, m, size))
         if not args.skip_tiny and not args.ssh_only:
-            n_t, n_m = median_run(args.runs, narpost_cmd(tiny, ["--no-closure"]), scratch)
-            c_t, c_m = median_run(args.runs, nix_copy_cmd(tiny), scratch)
-            rows.append((group, "narpost push", n_t, n_m, size))
-            rows.append((group, "nix copy", c_t, c_m, size))
+            # Taking turns: creating files costs more right after many were deleted (each
+            # run's cache is), so neither command may always follow the other.
+            cmds = {"narpost push": narpost_cmd(tiny, ["--no-closure"]), "nix copy": nix_copy_cmd(tiny)}
+            for name, (t, m) in alternating(args.runs, cmds, scratch).items():
+                rows.append((group, name, t, m, size))
+            for name, make in cmds.items():
+                syncs.append((name, sync_count(make, scratch) / len(tiny)))
         if not args.skip_chain and not args.skip_ssh:
             top = build_chain(scratch, nonce, args.chain_depth)
             size = nar_size(closure([top]))
             group = f"chain over ssh ({args.chain_depth} paths)"
             for name, t, m in ssh_runs(args.runs, narpost, state, key, [top], [], scratch):
                 rows.append((group, name, t, m, size))
+            if args.ssh_delay_ms:
+                far = f"chain over ssh, {2 * args.ssh_delay_ms:g} ms away ({args.chain_depth})"
+                for name, t, m in ssh_runs(args.runs, narpost, state, key, [top], [], scratch, args.ssh_delay_ms):
+                    rows.append((far, name, t, m, size))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     print_table(rows)
+    if syncs:
+        print()
+        print("tiny paths to file://: sync calls per path (fsync, fdatasync, syncfs, sync_file_range; one strace -f run each)")
+        for name, per_path in syncs:
+            print(f"  {name:<14} {per_path:.2f}")
 
 
-def s3_run(runs, narpost, state, key, top, scratch):
+def alternating(runs, cmds, scratch):
+    """Runs each of `cmds` (name -> make_cmd) once per round, in turn; returns name ->
+    (median s, peak RSS)."""
+    results = {name: ([], []) for name in cmds}
+    for _ in range(runs):
+        for name, make_cmd in cmds.items():
+            dest = tempfile.mkdtemp(prefix="dest-", dir=scratch)
+            argv, shell = make_cmd(dest)
+            t, m = timed(argv, shell)
+            results[name][0].append(t)
+            results[name][1].append(m)
+            shutil.rmtree(dest, ignore_errors=True)
+    return {name: (statistics.median(t), max(m)) for name, (t, m) in results.items()}
+
+
+def sync_count(make_cmd, scratch):
+    """How many sync calls one run of the command makes, counted by strace."""
+    if shutil.which("strace") is None:
+        sys.exit("bench: strace not found; run scripts/install-deps")
+    dest = tempfile.mkdtemp(prefix="dest-", dir=scratch)
+    out = os.path.join(scratch, "strace.txt")
+    argv, _ = make_cmd(dest)
+    sh(["strace", "-f", "-c", "-o", out, "-e", "trace=fsync,fdatasync,syncfs,sync,sync_file_range", *argv],
+       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(dest, ignore_errors=True)
+    total = 0
+    with open(out) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1] in ("fsync", "fdatasync", "syncfs", "sync", "sync_file_range"):
+                total += int(parts[3])
+    return total
+(runs, narpost, state, key, top, scratch):
     """narpost into a fresh bucket of a local s3s-fs per run; returns (median s, peak RSS)."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.join(scratch, "s3")
@@ -303,9 +363,11 @@ def s3_run(runs, narpost, state, key, top, scratch):
     return statistics.median(times), max(rss)
 
 
-def ssh_runs(runs, narpost, state, key, paths, extra, scratch):
+def ssh_runs(runs, narpost, state, key, paths, extra, scratch, delay_ms=0):
     """narpost and nix copy into a host's store over a real sshd on 127.0.0.1, alternating,
-    each run into a fresh chroot store; returns [(name, median s, peak RSS)]."""
+    each run into a fresh chroot store; returns [(name, median s, peak RSS)]. With
+    `delay_ms`, ssh reaches sshd through benches/delay-proxy, which holds every chunk that
+    long in each direction: a host 2 * delay_ms away."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.access(sshd, os.X_OK) or shutil.which("ssh") is None:
         sys.exit("bench: sshd or ssh not found; run scripts/install-deps")
@@ -333,8 +395,16 @@ def ssh_runs(runs, narpost, state, key, paths, extra, scratch):
     os.makedirs("/run/sshd", exist_ok=True)
     server = subprocess.Popen([sshd, "-D", "-e", "-f", os.path.join(d, "sshd_config")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = dict(NIX_ENV, NIX_SSHOPTS=f"-p {port} -i {d}/client_key -oUserKnownHostsFile={d}/known_hosts "
-               "-oStrictHostKeyChecking=yes")
+    opts = f"-p {port} -i {d}/client_key -oUserKnownHostsFile={d}/known_hosts -oStrictHostKeyChecking=yes"
+    if delay_ms:
+        # NIX_SSHOPTS is split at whitespace (by Nix and narpost alike): one word for the proxy.
+        proxy = os.path.join(d, "proxy")
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(proxy, "w") as f:
+            f.write(f"#!/bin/sh\nexec python3 {here}/delay-proxy {delay_ms} 127.0.0.1 {port}\n")
+        os.chmod(proxy, 0o755)
+        opts += f" -oProxyCommand={proxy}"
+    env = dict(NIX_ENV, NIX_SSHOPTS=opts)
     results = {"narpost push": ([], []), "nix copy --to ssh://": ([], [])}
     try:
         deadline = time.monotonic() + 10

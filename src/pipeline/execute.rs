@@ -252,9 +252,14 @@ impl Pipeline {
         let what = format!("uploading the narinfo of {}", path.to_absolute());
         let upload_permit = uploads.acquire(run).await;
         let committed = if ordered {
+            let mut upload_permit = Some(upload_permit);
             let first = match self.target.hand_over_narinfo(&narinfo, &prepared).await {
                 Ok(committing) => {
                     done.send_replace(Some(Outcome::HandedOver));
+                    // Handed over, the request is the target's to bound (an ordered target
+                    // keeps requests in flight on the wire, many more than the slots, by
+                    // bytes and count); the slot goes to the next path meanwhile.
+                    upload_permit = None;
                     let answer = committing.await;
                     if answer.is_err() {
                         done.send_replace(None);
@@ -273,7 +278,10 @@ impl Pipeline {
                 }
                 Err(e) if !behind_handed_over => {
                     // The path's own error: the first attempt counts as one of the tries.
-                    let _upload_permit = upload_permit;
+                    let _upload_permit = match upload_permit {
+                        Some(p) => p,
+                        None => uploads.acquire(run).await,
+                    };
                     self.emit(Event::Retrying {
                         what: what.clone(),
                         delay: std::time::Duration::ZERO,
@@ -461,7 +469,11 @@ struct SpoolGuard(Option<PathBuf>);
 
 impl Drop for SpoolGuard {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
+        // Most targets renamed the file away. Looking first spares the unlink, which takes
+        // the directory's lock even to find nothing.
+        if let Some(p) = &self.0
+            && p.symlink_metadata().is_ok()
+        {
             let _ = std::fs::remove_file(p);
         }
     }

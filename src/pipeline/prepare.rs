@@ -65,12 +65,16 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
         )
     };
     // What waits here names what the machine built: private, like the rest of the state.
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(spool_err)?;
+    // Only when missing: creating a directory takes its parent's lock even when it exists,
+    // which every path of a thousand-path push would contend for.
+    if !dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(spool_err)?;
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".narpost-")
         .suffix(".nar.zst")

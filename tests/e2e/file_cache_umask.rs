@@ -30,23 +30,12 @@ fn cache_written_under_umask_077_is_readable_by_other_users() {
     }
     pushed(&mut cmd);
 
-    // Everything but narpost's private temporary directory, read as nobody.
+    // Everything, read as nobody.
     run(Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .args(["find"])
         .arg(&cache)
-        .args([
-            "-name",
-            ".narpost-tmp",
-            "-prune",
-            "-o",
-            "-type",
-            "f",
-            "-exec",
-            "cat",
-            "{}",
-            "+",
-        ])
+        .args(["-type", "f", "-exec", "cat", "{}", "+"])
         .stdout(std::process::Stdio::null()));
     for dir in ["", "nar"] {
         let mode = std::fs::metadata(cache.join(dir))

@@ -5,16 +5,21 @@
 //! <hashpart>.narinfo             one per store path: the commit point
 //! nar/<filehash>.nar.zst         compressed NARs, named by the sha256 of their bytes
 //! log/, realisations/            created empty, as Nix does
-//! .narpost-tmp/                  spool and temporary files; nothing here is ever served
+//! .narpost-*                     temporary files, in the directory they are renamed within
 //! ```
 //!
 //! # Crash safety
 //!
 //! Two promises: no file ever appears under its real name with partial contents, and no
 //! narinfo is ever visible (after a crash too) whose NAR is not durable. So every file is
-//! written under a temporary name in `.narpost-tmp/` (same filesystem), its data synced,
-//! and then renamed into place; a rename is atomic, so readers see the old state or the
-//! whole new file.
+//! written under a temporary name (a dot name no reader asks for) in the directory it is
+//! going to, its data synced, and then renamed into place; a rename is atomic, so readers
+//! see the old state or the whole new file. The compressed NARs are spooled into `nar/`
+//! itself. Temporaries beside their destination, not in a directory of their own, keep
+//! every rename within one directory: a rename between two directories takes the
+//! filesystem's rename lock and both directories' locks, and a thousand tiny paths spent
+//! most of their time waiting on those (and on the one temporary directory every file
+//! was created in).
 //!
 //! # Which syncs, and why no more
 //!
@@ -70,7 +75,11 @@ use crate::store::PathInfo;
 use dir_sync::{DirSync, sync_dir};
 
 /// Name of the private directory for spooled NARs and temporary files.
-const TMP_DIR: &str = ".narpost-tmp";
+/// Where earlier versions kept their temporaries; stale ones there are still removed.
+const OLD_TMP_DIR: &str = ".narpost-tmp";
+
+/// Names of this target's temporary files start so.
+const TMP_PREFIX: &str = ".narpost-";
 
 /// Temporary files older than this are leftovers of a crashed run; younger ones may belong
 /// to a run still in progress.
@@ -93,7 +102,6 @@ pub struct FileTarget {
 
 struct Inner {
     dir: PathBuf,
-    tmp: PathBuf,
     /// Group commit for renames into `nar/`.
     nar_dir: DirSync,
     /// Group commit for renames into the cache root (narinfos).
@@ -105,7 +113,6 @@ struct Inner {
 impl FileTarget {
     pub fn new(dir: PathBuf, compression_level: i32) -> FileTarget {
         let inner = Arc::new(Inner {
-            tmp: dir.join(TMP_DIR),
             nar_dir: DirSync::new(dir.join("nar")),
             root_dir: DirSync::new(dir.clone()),
             tmp_counter: AtomicU64::new(0),
@@ -132,7 +139,8 @@ impl Target for FileTarget {
     }
 
     fn spool_dir(&self) -> Option<PathBuf> {
-        Some(self.inner.tmp.clone())
+        // The spooled NAR is renamed within `nar/` (see the module doc).
+        Some(self.inner.nar_dir.dir.clone())
     }
 
     async fn open(&self) -> Result<(), TargetError> {
@@ -283,8 +291,6 @@ impl Inner {
                     .map_err(|e| self.io_err(e, "cannot create directory", sub))?;
             }
         }
-        fs::create_dir_all(&self.tmp)
-            .map_err(|e| self.io_err(e, "cannot create directory", &self.tmp))?;
         if created_root && let Some(parent) = self.dir.parent() {
             // Best effort: the directories only need to survive once something is in them,
             // and each narinfo commit syncs the root again.
@@ -312,21 +318,31 @@ impl Inner {
         Ok(())
     }
 
-    /// Leftovers of crashed runs would otherwise pile up forever in the spool directory.
+    /// Leftovers of crashed runs would otherwise pile up forever beside the cache's files.
     fn remove_stale_tmp(&self) {
-        let Ok(entries) = fs::read_dir(&self.tmp) else {
-            return;
-        };
         let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .is_some_and(|age| age > STALE_TMP_AGE);
-            if meta.is_file() && old {
-                let _ = fs::remove_file(entry.path());
+        for dir in [
+            self.dir.clone(),
+            self.nar_dir.dir.clone(),
+            self.dir.join("log"),
+            self.dir.join(OLD_TMP_DIR),
+        ] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|age| age > STALE_TMP_AGE);
+                if meta.is_file() && old {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
     }
@@ -417,9 +433,12 @@ impl Inner {
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<(), TargetError> {
         let dest = self.dir.join(key);
-        let base = key.rsplit('/').next().unwrap_or(key);
-        let tmp = self.tmp.join(format!(
-            ".{base}.{}-{}.tmp",
+        let (parent, base) = match key.rsplit_once('/') {
+            Some((sub, base)) => (self.dir.join(sub), base),
+            None => (self.dir.clone(), key),
+        };
+        let tmp = parent.join(format!(
+            "{TMP_PREFIX}{base}.{}-{}.tmp",
             std::process::id(),
             self.tmp_counter.fetch_add(1, Ordering::Relaxed)
         ));

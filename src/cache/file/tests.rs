@@ -63,10 +63,13 @@ pub(crate) fn narinfo_for(nar: &PreparedNar, url: &str) -> NarInfo {
     }
 }
 
+/// Temporary files left anywhere in the cache.
 fn tmp_entries(cache: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(cache.join(TMP_DIR))
-        .unwrap()
+    let mut names: Vec<String> = ["", "nar", "log"]
+        .iter()
+        .flat_map(|sub| fs::read_dir(cache.join(sub)).unwrap())
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(TMP_PREFIX))
         .collect();
     names.sort();
     names
@@ -83,10 +86,11 @@ async fn open_creates_nix_layout() {
         fs::read_to_string(cache.join("nix-cache-info")).unwrap(),
         "StoreDir: /nix/store\n"
     );
-    for dir in ["nar", "log", "realisations", TMP_DIR] {
+    for dir in ["nar", "log", "realisations"] {
         assert!(cache.join(dir).is_dir(), "{dir} missing");
     }
-    assert_eq!(target.spool_dir(), Some(cache.join(TMP_DIR)));
+    assert!(!cache.join(OLD_TMP_DIR).exists());
+    assert_eq!(target.spool_dir(), Some(cache.join("nar")));
     assert_eq!(target.url(), format!("file://{}", cache.display()));
     assert_eq!(target.nar_format(), NarFormat::Zstd { level: 3 });
     assert!(tmp_entries(&cache).is_empty());
@@ -135,21 +139,34 @@ async fn open_removes_only_stale_temporary_files() {
     let root = tempfile::tempdir().unwrap();
     let target = FileTarget::new(root.path().to_path_buf(), 3);
     target.open().await.unwrap();
-    let tmp = root.path().join(TMP_DIR);
-    let old = tmp.join(".narpost-old.nar.zst");
-    let fresh = tmp.join(".narpost-fresh.nar.zst");
-    fs::write(&old, "x").unwrap();
-    fs::write(&fresh, "y").unwrap();
+    let legacy = root.path().join(OLD_TMP_DIR);
+    fs::create_dir(&legacy).unwrap();
+    let at = |dir: &str, name: &str| root.path().join(dir).join(name);
+    let old = [
+        at("nar", ".narpost-old.nar.zst"),
+        at("", ".narpost-old.narinfo.1-0.tmp"),
+        at(OLD_TMP_DIR, ".narpost-old.nar.zst"),
+    ];
+    let fresh = at("nar", ".narpost-fresh.nar.zst");
+    // Old, but not a temporary of ours: a reader's file is never touched.
+    let foreign = at("", ".old-but-foreign");
     let two_days_ago = SystemTime::now() - Duration::from_secs(48 * 3600);
-    File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(two_days_ago)
-        .unwrap();
+    for file in old.iter().chain([&foreign]) {
+        fs::write(file, "x").unwrap();
+        File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+    }
+    fs::write(&fresh, "y").unwrap();
     target.open().await.unwrap();
-    assert!(!old.exists());
+    for file in &old {
+        assert!(!file.exists(), "{}", file.display());
+    }
     assert!(fresh.exists());
+    assert!(foreign.exists());
 }
 
 #[tokio::test]
@@ -207,12 +224,13 @@ async fn put_nar_refuses_a_spool_of_the_wrong_size() {
     }
     let err = target.put_nar(&nar).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Permanent);
-    assert!(
-        fs::read_dir(root.path().join("nar"))
-            .unwrap()
-            .next()
-            .is_none()
-    );
+    // Only the spool file itself (the pipeline removes it) is in nar/: nothing stored.
+    assert!(fs::read_dir(root.path().join("nar")).unwrap().all(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TMP_PREFIX)
+    }));
 }
 
 #[tokio::test]

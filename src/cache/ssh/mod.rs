@@ -33,7 +33,11 @@
 //! and everything sent after it fails as transient; the pipeline then sends it again once
 //! its references are stored. The remote checks references itself, so a path whose
 //! reference is missing is refused, never stored. Connections are opened as concurrent requests need them, up to
-//! `jobs`, and closed after [`IDLE`] without a request.
+//! `jobs`, and closed after [`IDLE`] without a request. What is in flight is bounded by
+//! the wire, not by the pipeline's slots: up to [`MAX_IN_FLIGHT`] paths and
+//! [`MAX_IN_FLIGHT_KIB`] of NAR between a path's hand-over and its answer, so a far host
+//! gets requests back to back and the push costs about one round trip plus the remote's
+//! own time.
 //!
 //! # Failures
 //!
@@ -56,7 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 use super::{Committing, NarBody, NarFormat, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
@@ -68,6 +72,16 @@ use conn::{Conn, Job, Reply, Request};
 
 /// How long a connection may go without a request before it is closed.
 pub const IDLE: Duration = Duration::from_secs(30);
+
+/// Paths handed over and not answered yet, at most: the remote works through requests one
+/// after another, so keeping the wire full takes as many as arrive in one round trip (at
+/// 10 ms and a millisecond per tiny path, ten or so); this leaves room for far hosts.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// NAR bytes handed over and not answered yet, at most, in KiB. The NARs are streamed from
+/// the store as they go out, so this is not memory: it bounds what a connection that dies
+/// takes down with it, to be sent again.
+const MAX_IN_FLIGHT_KIB: usize = 64 << 10;
 
 /// The open connections.
 #[derive(Default)]
@@ -103,6 +117,10 @@ pub struct SshTarget {
     max_connections: usize,
     pool: Arc<Mutex<Pool>>,
     changed: Arc<Notify>,
+    /// What is in flight, by count and by NAR KiB (see [`MAX_IN_FLIGHT`]): a path's
+    /// permits are held from its hand-over to its answer.
+    in_flight: Arc<Semaphore>,
+    in_flight_kib: Arc<Semaphore>,
 }
 
 impl SshTarget {
@@ -121,6 +139,8 @@ impl SshTarget {
             max_connections: jobs.max(1),
             pool: Arc::default(),
             changed: Arc::new(Notify::new()),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            in_flight_kib: Arc::new(Semaphore::new(MAX_IN_FLIGHT_KIB)),
         })
     }
 
@@ -329,6 +349,22 @@ impl Target for SshTarget {
             .filter(|r| **r != narinfo.store_path)
             .cloned()
             .collect();
+        // A NAR larger than the whole bound goes alone, once everything before it is in.
+        let kib = (narinfo.nar_size.div_ceil(1024) as usize).clamp(1, MAX_IN_FLIGHT_KIB) as u32;
+        let closed =
+            || TargetError::permanent(format!("{}: the target was closed", self.spec.label));
+        let counted = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        let sized = self
+            .in_flight_kib
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| closed())?;
         let Handed { answer, number } = self.submit(request, &after).await?;
         let settle = Settle {
             pool: self.pool.clone(),
@@ -342,6 +378,7 @@ impl Target for SshTarget {
             let mut settle = settle;
             let result = answer.await.unwrap_or(Err(lost)).map(|_| ());
             settle.stored = result.is_ok();
+            drop((counted, sized));
             result
         }))
     }
