@@ -327,7 +327,9 @@ def sync_count(make_cmd, scratch):
             if len(parts) >= 5 and parts[-1] in ("fsync", "fdatasync", "syncfs", "sync", "sync_file_range"):
                 total += int(parts[3])
     return total
-(runs, narpost, state, key, top, scratch):
+
+
+def s3_run(runs, narpost, state, key, top, scratch):
     """narpost into a fresh bucket of a local s3s-fs per run; returns (median s, peak RSS)."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.join(scratch, "s3")
