@@ -59,6 +59,7 @@ let
       "normal"
     ]) "`idle` (the daemon's default) or `normal`.";
     metrics-listen = setting types.str "Where to serve Prometheus metrics, e.g. `127.0.0.1:9464`; default off.";
+    substituter-listen = setting types.str "Where the daemon serves the cache to this machine's Nix (see services.narpost.substituter); default off.";
   };
 
   # The cache URL schemes narpost knows (src/target/mod.rs from_config).
@@ -94,7 +95,9 @@ let
     cache = cfg.cache;
     secret-key-file = cfg.secretKeyFile;
     token-file = cfg.tokenFile;
+    substituter-listen = if cfg.substituter.enable then substituterAddress else null;
   };
+  substituterAddress = "127.0.0.1:${toString cfg.substituter.port}";
   givenSettings = lib.filterAttrs (_: v: v != null) cfg.settings;
   finalSettings = givenSettings // typed;
   configFile = settingsFormat.generate "narpost.toml" finalSettings;
@@ -250,6 +253,24 @@ in
       '';
     };
 
+    substituter.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Serve the cache to this machine's Nix through the daemon, at
+        `http://127.0.0.1:''${port}`, listed first in `nix.settings.substituters`. Nix then
+        reads the cache with narpost's credentials (an S3 bucket, a token-protected cache)
+        and needs none of its own; a cache that cannot be reached is a miss, so Nix builds
+        instead of failing. The paths still need `trusted-public-keys` for their signers.
+      '';
+    };
+
+    substituter.port = mkOption {
+      type = types.port;
+      default = 37515;
+      description = "The loopback port of the local substituter.";
+    };
+
     hook.enable = mkOption {
       type = types.bool;
       default = true;
@@ -281,9 +302,14 @@ in
     environment.etc.${configPath}.source = configFile;
     environment.systemPackages = [ cfg.package ];
 
-    nix.settings = lib.mkIf cfg.hook.enable {
-      post-build-hook = "${cfg.package}/bin/narpost-hook";
-    };
+    nix.settings = lib.mkMerge [
+      (lib.mkIf cfg.hook.enable {
+        post-build-hook = "${cfg.package}/bin/narpost-hook";
+      })
+      (lib.mkIf cfg.substituter.enable {
+        substituters = lib.mkBefore [ "http://${substituterAddress}" ];
+      })
+    ];
 
     # ReadWritePaths needs its directories to exist before the daemon starts.
     systemd.tmpfiles.rules =

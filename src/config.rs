@@ -19,6 +19,7 @@
 //! upload-logs = true                        # build logs go to log/<drv> in file://, HTTP and S3 caches
 //! max-log-size = 16777216                   # bytes; a larger build log is skipped and reported
 //! metrics-listen = "127.0.0.1:9464"        # serve Prometheus metrics at /metrics (off by default)
+//! substituter-listen = "127.0.0.1:37515"   # serve the cache to this machine's Nix (off by default)
 //! priority = "idle"                         # or "normal"; default idle for the daemon and watchers, normal for push
 //! ```
 //!
@@ -89,6 +90,7 @@ pub const FILE_KEYS: &[&str] = &[
     "max-log-size",
     "priority",
     "metrics-listen",
+    "substituter-listen",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +113,7 @@ struct FileConfig {
     max_log_size: Option<u64>,
     priority: Option<Priority>,
     metrics_listen: Option<String>,
+    substituter_listen: Option<String>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -147,6 +150,9 @@ pub struct Config {
     pub priority: Option<Priority>,
     /// `metrics-listen` or `NARPOST_METRICS_LISTEN`: where to serve Prometheus metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `substituter-listen` or `NARPOST_SUBSTITUTER_LISTEN`: where the daemon serves the
+    /// cache to this machine's Nix (see [`crate::substituter`]).
+    pub substituter_listen: Option<std::net::SocketAddr>,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
     /// Key names whose signature in the local store means upstream serves the path.
@@ -271,26 +277,41 @@ impl Config {
             })?),
             None => file.priority,
         };
-        let metrics_listen = match env("NARPOST_METRICS_LISTEN") {
-            Some(v) => Some(parse_listen(&v).map_err(|reason| ConfigError::Env {
-                var: "NARPOST_METRICS_LISTEN",
-                value: v.clone(),
-                reason,
-            })?),
-            None => match file.metrics_listen {
-                Some(v) => Some(parse_listen(&v).map_err(|reason| ConfigError::Parse {
-                    path: config_file.clone().unwrap_or_default(),
-                    message: format!("metrics-listen = {v:?}: {reason}"),
-                })?),
-                None => None,
+        let listen = |var: &'static str, key: &str, from_file: Option<String>| match env(var) {
+            Some(v) => parse_listen(&v)
+                .map(Some)
+                .map_err(|reason| ConfigError::Env {
+                    var,
+                    value: v.clone(),
+                    reason,
+                }),
+            None => match from_file {
+                Some(v) => parse_listen(&v)
+                    .map(Some)
+                    .map_err(|reason| ConfigError::Parse {
+                        path: config_file.clone().unwrap_or_default(),
+                        message: format!("{key} = {v:?}: {reason}"),
+                    }),
+                None => Ok(None),
             },
         };
+        let metrics_listen = listen(
+            "NARPOST_METRICS_LISTEN",
+            "metrics-listen",
+            file.metrics_listen.clone(),
+        )?;
+        let substituter_listen = listen(
+            "NARPOST_SUBSTITUTER_LISTEN",
+            "substituter-listen",
+            file.substituter_listen.clone(),
+        )?;
         Ok(Config {
             upstream_keys,
             upload_logs,
             max_log_size,
             priority,
             metrics_listen,
+            substituter_listen,
             cache,
             cache_is_default,
             key_file,

@@ -16,6 +16,7 @@
 //! - [`queue`]: the durable on-disk queue of paths waiting for upload.
 //! - [`drain_state`]: what the drainer publishes for `status`, the metrics and the watchers.
 //! - [`private_dir`]: the state directory and its files, refused when someone else could steer writes to them.
+//! - [`substituter`]: the daemon's local substituter: serves the cache to this machine's Nix.
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
 //! - [`watch`]: notices store paths that become valid.
@@ -53,6 +54,7 @@ pub mod queue;
 pub mod setup;
 pub mod status;
 pub mod store;
+pub mod substituter;
 
 pub mod text;
 pub mod watch;

@@ -53,8 +53,7 @@ use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
 use super::stall::{self, Progress};
-use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
-use crate::format::hash::Sha256;
+use super::{NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
 use crate::format::narinfo::NarInfo;
 use crate::format::nixbase32;
 use crate::format::store_path::{STORE_DIR, StorePath};
@@ -534,7 +533,7 @@ impl Target for AtticTarget {
         }
     }
 
-    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+    async fn read_stream(&self, key: &str) -> Result<Option<ObjectStream>, TargetError> {
         let url = self.cache_object(key)?;
         let action = format!("reading {url}");
         let response = self
@@ -548,15 +547,19 @@ impl Target for AtticTarget {
             404 => return Ok(None),
             _ => return Err(self.answer_error(response, &action).await),
         }
-        match stall::hash_answer(response, self.timeout).await {
-            Ok(found) => Ok(Some(found)),
-            Err(stall::AnswerError::TimedOut(waited)) => Err(TargetError::transient(format!(
-                "{}: timed out after {}s while {action}: the answer stalled",
-                self.server_name(),
+        let size = response.content_length();
+        let server = self.server_name();
+        let body = stall::answer_stream(response, self.timeout, move |e| match e {
+            stall::AnswerError::TimedOut(waited) => TargetError::transient(format!(
+                "{server}: timed out after {}s while {action}: the answer stalled",
                 waited.as_secs()
-            ))),
-            Err(stall::AnswerError::Transport(e)) => Err(self.request_error(&e, &action)),
-        }
+            )),
+            stall::AnswerError::Transport(e) => TargetError::transient(format!(
+                "{server}: {action}: the answer broke off: {}",
+                crate::cache::stall::causes(&e)
+            )),
+        });
+        Ok(Some(ObjectStream { size, body }))
     }
 
     async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {

@@ -47,9 +47,8 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 
 use super::stall::{self, Progress};
-use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use super::{NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
 use crate::format::cache_info::CacheInfo;
-use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
@@ -406,7 +405,7 @@ impl Target for HttpTarget {
             })
     }
 
-    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+    async fn read_stream(&self, key: &str) -> Result<Option<ObjectStream>, TargetError> {
         let url = self.object_url(super::object_key(key)?)?;
         // No total timeout: a large NAR may take long; stalling is what fails it.
         let response = self
@@ -420,10 +419,11 @@ impl Target for HttpTarget {
             StatusCode::NOT_FOUND => return Ok(None),
             _ => return Err(status_error(&url, &response)),
         }
-        stall::hash_answer(response, self.read_timeout)
-            .await
-            .map(Some)
-            .map_err(|e| answer_error(&url, status, e))
+        let size = response.content_length();
+        let body = stall::answer_stream(response, self.read_timeout, move |e| {
+            answer_error(&url, status, e)
+        });
+        Ok(Some(ObjectStream { size, body }))
     }
 
     async fn remove(&self, key: &str) -> Result<(), TargetError> {

@@ -246,9 +246,25 @@ pub trait Target: Send + Sync {
         Err(cannot_read(&self.url(), key))
     }
 
+    /// An object's bytes as they arrive, in constant memory (a NAR for `check --deep`, or
+    /// for a Nix substituting through the daemon), with its size when the cache says it.
+    async fn read_stream(&self, key: &str) -> Result<Option<ObjectStream>, TargetError> {
+        Err(cannot_read(&self.url(), key))
+    }
+
     /// The SHA-256 and size of an object's bytes, read through in constant memory.
     async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
-        Err(cannot_read(&self.url(), key))
+        let Some(mut object) = self.read_stream(key).await? else {
+            return Ok(None);
+        };
+        let mut hasher = crate::format::hash::Sha256Hasher::new();
+        let mut size = 0u64;
+        while let Some(chunk) = futures::StreamExt::next(&mut object.body).await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+        }
+        Ok(Some((hasher.finalize(), size)))
     }
 
     /// The hash parts of every narinfo in the cache, or `None` when the cache cannot be
@@ -304,6 +320,14 @@ pub fn log_key(drv: &StorePath) -> String {
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
 
 pub type DynTarget = Arc<dyn Target>;
+
+/// An object read from a cache as a stream (see [`Target::read_stream`]). Each chunk has
+/// the target's read deadline: a cache that stops sending ends the stream in an error.
+pub struct ObjectStream {
+    /// The object's size, when the cache said it before the body.
+    pub size: Option<u64>,
+    pub body: futures::stream::BoxStream<'static, Result<Bytes, TargetError>>,
+}
 
 /// A narinfo handed over and not yet stored ([`Target::hand_over_narinfo`]).
 pub type Committing =

@@ -151,28 +151,41 @@ pub async fn read_answer(
         .unwrap_or(Err(AnswerError::TimedOut(timeout)))
 }
 
-/// Reads `response`'s body through SHA-256 in constant memory: (hash, bytes). The answer
-/// may take as long as it needs while it makes progress; `stall` is how long it may send
-/// nothing at all.
-pub async fn hash_answer(
+/// An answer's body as a stream, each chunk within `stall` of the one before (or of the
+/// headers); `error` names what failed for the target's message.
+pub fn answer_stream(
     response: reqwest::Response,
     stall: Duration,
-) -> Result<(crate::format::hash::Sha256, u64), AnswerError> {
+    error: impl Fn(AnswerError) -> crate::cache::TargetError + Send + 'static,
+) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, crate::cache::TargetError>> {
     use futures::StreamExt;
-    let mut hasher = crate::format::hash::Sha256Hasher::new();
-    let mut size = 0u64;
-    let mut stream = response.bytes_stream();
-    loop {
-        match tokio::time::timeout(stall, stream.next()).await {
-            Err(_) => return Err(AnswerError::TimedOut(stall)),
-            Ok(None) => return Ok((hasher.finalize(), size)),
-            Ok(Some(chunk)) => {
-                let chunk = chunk.map_err(AnswerError::Transport)?;
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-            }
+    let body = response.bytes_stream().boxed();
+    futures::stream::unfold(Some((body, error)), move |state| async move {
+        let (mut body, error) = state?;
+        match tokio::time::timeout(stall, body.next()).await {
+            Err(_) => Some((Err(error(AnswerError::TimedOut(stall))), None)),
+            Ok(None) => None,
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some((body, error)))),
+            Ok(Some(Err(e))) => Some((Err(error(AnswerError::Transport(e))), None)),
         }
+    })
+    .boxed()
+}
+
+/// An error and its causes on one line, each cause once (many messages include their
+/// source's text already).
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
     }
+    out.replace('\n', " ")
 }
 
 #[cfg(test)]

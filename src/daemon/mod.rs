@@ -152,6 +152,19 @@ pub async fn run_daemon(cfg: Config, metrics: Arc<Metrics>) -> anyhow::Result<()
     let (_watcher, wake) = watch_dir(drainer.queue().queue_dir())?;
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;
+    // Serves while the daemon drains; stops with the drain (the guard), not at the stop
+    // signal: a Nix substituting meanwhile finishes its transfer.
+    let serving = CancellationToken::new();
+    let _serving = serving.clone().drop_guard();
+    if let Some(addr) = cfg.substituter_listen {
+        crate::substituter::serve(
+            addr,
+            drainer.pipeline().target().clone(),
+            cfg.max_log_size,
+            serving,
+        )
+        .await?;
+    }
     tracing::info!(
         "draining {} into {}",
         drainer.queue().queue_dir().display(),

@@ -27,4 +27,5 @@ mod s3_faults;
 mod serve_wire;
 mod setup;
 mod ssh_e2e;
+mod substituter_e2e;
 mod watch_e2e;

@@ -281,6 +281,29 @@ fn hook_disabled_leaves_post_build_hook_alone() {
     assert!(err.contains("post-build-hook"), "{err}");
 }
 
+#[test]
+fn the_local_substituter_listens_on_loopback_and_goes_first_in_substituters() {
+    let e = eval_ok(narpost(json!({ "enable": true, "cache": LOCAL })));
+    assert!(e.json["nix"]["settings"].get("substituters").is_none());
+    assert!(e.config_file().get("substituter-listen").is_none());
+    for (options, port) in [
+        (json!({ "enable": true }), 37515),
+        (json!({ "enable": true, "port": 8765 }), 8765),
+    ] {
+        let e = eval_ok(narpost(
+            json!({ "enable": true, "cache": LOCAL, "substituter": options }),
+        ));
+        assert_eq!(
+            e.config_file()["substituter-listen"].as_str(),
+            Some(format!("127.0.0.1:{port}").as_str())
+        );
+        assert_eq!(
+            e.json["nix"]["settings"]["substituters"],
+            json!([format!("http://127.0.0.1:{port}")])
+        );
+    }
+}
+
 /// The one setting a user must give: with no cache the daemon would fill a directory on
 /// this machine that nothing serves.
 const LOCAL: &str = "file:///var/lib/narpost/cache";

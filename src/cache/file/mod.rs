@@ -66,9 +66,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{NarBody, NarFormat, PreparedNar, Target, TargetError};
+use super::{NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
 use crate::format::cache_info::CacheInfo;
-use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
@@ -224,28 +223,24 @@ impl Target for FileTarget {
         .await
     }
 
-    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+    async fn read_stream(&self, key: &str) -> Result<Option<ObjectStream>, TargetError> {
         let path = self.dir.join(super::object_key(key)?);
         let inner = self.inner.clone();
-        blocking(move || {
-            let Some(mut file) = inner.open_existing(&path)? else {
-                return Ok(None);
-            };
-            let mut hasher = Sha256Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut size = 0u64;
-            loop {
-                let n = io::Read::read(&mut file, &mut buf)
-                    .map_err(|e| inner.io_err(e, "cannot read", &path))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                size += n as u64;
-            }
-            Ok(Some((hasher.finalize(), size)))
-        })
-        .await
+        let opened = {
+            let path = path.clone();
+            blocking(move || inner.open_existing(&path)).await?
+        };
+        let Some(file) = opened else {
+            return Ok(None);
+        };
+        let size = file.metadata().ok().map(|m| m.len());
+        let inner = self.inner.clone();
+        let file = tokio::fs::File::from_std(file);
+        let body = futures::StreamExt::boxed(futures::StreamExt::map(
+            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+            move |chunk| chunk.map_err(|e| inner.io_err(e, "cannot read", &path)),
+        ));
+        Ok(Some(ObjectStream { size, body }))
     }
 
     async fn remove(&self, key: &str) -> Result<(), TargetError> {

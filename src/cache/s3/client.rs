@@ -20,9 +20,10 @@ use super::credentials::resolve_credentials;
 use super::error::{Failure, redact};
 use super::url::S3Url;
 use super::{CACHE_INFO_TYPE, MULTIPART_THRESHOLD, NAR_TYPE, NARINFO_TYPE, S3Target};
-use crate::cache::{LOG_TYPE, NarBody, NarFormat, PreparedNar, Target, TargetError, log_key};
+use crate::cache::{
+    LOG_TYPE, NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError, log_key,
+};
 use crate::format::cache_info::CacheInfo;
-use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
@@ -323,7 +324,7 @@ impl Target for S3Target {
         }
     }
 
-    async fn object_sha256(&self, key: &str) -> Result<Option<(Sha256, u64)>, TargetError> {
+    async fn read_stream(&self, key: &str) -> Result<Option<ObjectStream>, TargetError> {
         let key = self.key(crate::cache::object_key(key)?);
         let action = format!("reading {key}");
         let got = match self.data.get(&key).await {
@@ -331,15 +332,20 @@ impl Target for S3Target {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.error(&e, &action)),
         };
-        let mut hasher = Sha256Hasher::new();
-        let mut size = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.error(&e, &action))?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-        }
-        Ok(Some((hasher.finalize(), size)))
+        let size = Some(got.meta.size);
+        let display = self.display();
+        let body = got
+            .into_stream()
+            .map(move |chunk| {
+                chunk.map_err(|e| {
+                    TargetError::transient(format!(
+                        "{display}: {action}: {}",
+                        crate::cache::stall::causes(&e)
+                    ))
+                })
+            })
+            .boxed();
+        Ok(Some(ObjectStream { size, body }))
     }
 
     async fn remove(&self, key: &str) -> Result<(), TargetError> {
