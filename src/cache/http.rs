@@ -136,6 +136,44 @@ impl HttpTarget {
         })
     }
 
+    /// The names directly below the WebDAV collection `url` (`PROPFIND`, depth 1), or
+    /// `None` when the server does not list; a collection that does not exist is empty.
+    async fn propfind(&self, url: Url) -> Result<Option<Vec<String>>, TargetError> {
+        let method = Method::from_bytes(b"PROPFIND")
+            .map_err(|e| TargetError::permanent(format!("PROPFIND: {e}")))?;
+        let request = self
+            .request(method, url.clone())
+            .header("Depth", "1")
+            .header(CONTENT_TYPE, "application/xml")
+            .body(r#"<?xml version="1.0"?><propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>"#);
+        let response = request
+            .timeout(self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR)
+            .send()
+            .await
+            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
+        let status = response.status();
+        match status.as_u16() {
+            207 => {}
+            404 => return Ok(Some(Vec::new())),
+            401 | 403 => return Err(status_error(&url, &response)),
+            _ => return Ok(None),
+        }
+        let answer = stall::read_answer(
+            response,
+            MAX_LISTING,
+            self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR,
+        )
+        .await
+        .map_err(|e| answer_error(&url, status, e))?;
+        if answer.truncated {
+            return Err(TargetError::permanent(format!(
+                "{url}: the listing is larger than {MAX_LISTING} bytes"
+            ))
+            .with_hint("name the paths to check"));
+        }
+        Ok(Some(names_in_listing(&String::from_utf8_lossy(&answer.body))))
+    }
+
     fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let request = self.client.request(method, url);
         match &self.auth {
@@ -440,41 +478,22 @@ impl Target for HttpTarget {
     /// A WebDAV listing (`PROPFIND`, depth 1) of the cache directory, where the server
     /// offers one (nginx with `dav_ext_methods PROPFIND`); a plain HTTP cache has none.
     async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
-        let url = self.base.clone();
-        let method = Method::from_bytes(b"PROPFIND")
-            .map_err(|e| TargetError::permanent(format!("PROPFIND: {e}")))?;
-        let request = self
-            .request(method, url.clone())
-            .header("Depth", "1")
-            .header(CONTENT_TYPE, "application/xml")
-            .body(r#"<?xml version="1.0"?><propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>"#);
-        let response = request
-            .timeout(self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR)
-            .send()
+        let Some(names) = self.propfind(self.base.clone()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(narinfos_in_listing(&names)))
+    }
+
+    async fn write_small(&self, key: &str, bytes: Vec<u8>) -> Result<(), TargetError> {
+        self.put_small(super::object_key(key)?, "text/plain", bytes)
             .await
-            .map_err(|e| transport_error(&url, &e, self.read_timeout))?;
-        let status = response.status();
-        match status.as_u16() {
-            207 => {}
-            401 | 403 => return Err(status_error(&url, &response)),
-            _ => return Ok(None),
-        }
-        let answer = stall::read_answer(
-            response,
-            MAX_LISTING,
-            self.read_timeout * stall::ANSWER_TIMEOUT_FACTOR,
-        )
-        .await
-        .map_err(|e| answer_error(&url, status, e))?;
-        if answer.truncated {
-            return Err(TargetError::permanent(format!(
-                "{url}: the listing is larger than {MAX_LISTING} bytes"
-            ))
-            .with_hint("name the paths to check"));
-        }
-        Ok(Some(narinfos_in_listing(&String::from_utf8_lossy(
-            &answer.body,
-        ))))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Option<Vec<String>>, TargetError> {
+        let url = self.object_url(super::object_key(prefix.trim_end_matches('/'))?)?;
+        let mut url = url;
+        url.set_path(&format!("{}/", url.path().trim_end_matches('/')));
+        self.propfind(url).await
     }
 }
 
@@ -628,29 +647,40 @@ fn answer_error(url: &Url, status: StatusCode, e: stall::AnswerError) -> TargetE
     }
 }
 
-/// The hash parts of the narinfos a WebDAV multistatus answer names (`<D:href>` elements
-/// under any namespace prefix, whatever directory they are in).
-fn narinfos_in_listing(xml: &str) -> Vec<String> {
+/// The names of the objects a WebDAV multistatus answer lists (the last part of each
+/// `<D:href>`, under any namespace prefix), collections left out.
+fn names_in_listing(xml: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = xml;
     while let Some(at) = rest.find("href>") {
         rest = &rest[at + 5..];
         let Some(end) = rest.find('<') else { break };
         let href = rest[..end].trim();
+        // The collection itself and those below it end in `/`: only objects have a name.
         let name = href.rsplit('/').next().unwrap_or("");
-        if let Some(hash) = name.strip_suffix(".narinfo")
-            && hash.len() == 32
-            && hash
-                .bytes()
-                .all(|b| crate::format::nixbase32::ALPHABET.contains(&b))
-        {
-            out.push(hash.to_owned());
+        if !name.is_empty() {
+            out.push(name.to_owned());
         }
         rest = &rest[end..];
     }
     out.sort();
     out.dedup();
     out
+}
+
+/// The hash parts of the narinfos among a listing's names.
+fn narinfos_in_listing(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter_map(|name| name.strip_suffix(".narinfo"))
+        .filter(|hash| {
+            hash.len() == 32
+                && hash
+                    .bytes()
+                    .all(|b| crate::format::nixbase32::ALPHABET.contains(&b))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 fn status_error(url: &Url, response: &Response) -> TargetError {

@@ -273,6 +273,22 @@ pub trait Target: Send + Sync {
         Ok(None)
     }
 
+    /// Writes a small object that no narinfo promises (a build claim): whole or not at
+    /// all, with no durability beyond what the cache gives a plain write. A cache that
+    /// cannot hold one keeps the default, which says so.
+    async fn write_small(&self, key: &str, _bytes: Vec<u8>) -> Result<(), TargetError> {
+        Err(TargetError::permanent(format!(
+            "{}: this cache cannot hold {key}",
+            self.url()
+        )))
+    }
+
+    /// The names of the objects directly below `prefix` (a key ending in `/`), or `None`
+    /// when the cache cannot be listed. A prefix with nothing below it lists as empty.
+    async fn list(&self, _prefix: &str) -> Result<Option<Vec<String>>, TargetError> {
+        Ok(None)
+    }
+
     /// Removes an object found corrupt (`check --deep --repair`), so that storing the NAR
     /// again writes it instead of taking the same-named object as already there.
     async fn remove(&self, key: &str) -> Result<(), TargetError> {

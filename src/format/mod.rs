@@ -2,6 +2,7 @@
 //! byte-for-byte against what Nix 2.8 produces (fixtures in `tests/fixtures/`).
 
 pub mod cache_info;
+pub mod claim;
 pub mod drv;
 pub mod hash;
 pub mod nar;

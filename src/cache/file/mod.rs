@@ -254,6 +254,44 @@ impl Target for FileTarget {
         .await
     }
 
+    async fn write_small(&self, key: &str, bytes: Vec<u8>) -> Result<(), TargetError> {
+        let key = super::object_key(key)?.to_owned();
+        let inner = self.inner.clone();
+        blocking(move || {
+            if let Some((sub, _)) = key.rsplit_once('/') {
+                let dir = inner.dir.join(sub);
+                fs::create_dir_all(&dir)
+                    .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(DIR_MODE)))
+                    .map_err(|e| inner.io_err(e, "cannot create directory", &dir))?;
+            }
+            inner.write_atomically(&key, &bytes)
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Option<Vec<String>>, TargetError> {
+        let dir = self.dir.join(super::object_key(prefix.trim_end_matches('/'))?);
+        let inner = self.inner.clone();
+        blocking(move || {
+            let list_err = |e| inner.io_err(e, "cannot list", &dir);
+            let items = match fs::read_dir(&dir) {
+                Ok(items) => items,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+                Err(e) => return Err(list_err(e)),
+            };
+            let mut out = Vec::new();
+            for item in items {
+                let name = item.map_err(list_err)?.file_name();
+                if let Some(name) = name.to_str().filter(|n| !n.starts_with(TMP_PREFIX)) {
+                    out.push(name.to_owned());
+                }
+            }
+            out.sort();
+            Ok(Some(out))
+        })
+        .await
+    }
+
     async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
         let inner = self.inner.clone();
         let dir = self.dir.clone();

@@ -356,6 +356,31 @@ impl Target for S3Target {
         }
     }
 
+    async fn write_small(&self, key: &str, bytes: Vec<u8>) -> Result<(), TargetError> {
+        let key = self.key(crate::cache::object_key(key)?);
+        let action = format!("uploading {key}");
+        self.put_small(&key, Bytes::from(bytes), "text/plain", &action)
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Option<Vec<String>>, TargetError> {
+        let below = self.key(crate::cache::object_key(prefix.trim_end_matches('/'))?);
+        let depth = below.parts().count();
+        let mut out = Vec::new();
+        let mut listing = self.meta.list(Some(&below));
+        while let Some(item) = listing.next().await {
+            let meta = item.map_err(|e| self.error(&e, &format!("listing {below}")))?;
+            if meta.location.parts().count() != depth + 1 {
+                continue;
+            }
+            if let Some(name) = meta.location.filename() {
+                out.push(name.to_owned());
+            }
+        }
+        out.sort();
+        Ok(Some(out))
+    }
+
     async fn list_narinfos(&self) -> Result<Option<Vec<String>>, TargetError> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         let depth = prefix.as_ref().map_or(0, |p| p.parts().count());
