@@ -60,6 +60,8 @@ let
     ]) "`idle` (the daemon's default) or `normal`.";
     metrics-listen = setting types.str "Where to serve Prometheus metrics, e.g. `127.0.0.1:9464`; default off.";
     substituter-listen = setting types.str "Where the daemon serves the cache to this machine's Nix (see services.narpost.substituter); default off.";
+    machine = setting (types.strMatching "[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}") "This machine's name in build claims; default: its /etc/machine-id.";
+    claim-timeout = setting types.ints.positive "Seconds a build claim may go without a heartbeat before other machines build the path themselves; default 60.";
   };
 
   # The cache URL schemes narpost knows (src/target/mod.rs from_config).

@@ -91,6 +91,8 @@ pub const FILE_KEYS: &[&str] = &[
     "priority",
     "metrics-listen",
     "substituter-listen",
+    "machine",
+    "claim-timeout",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +116,8 @@ struct FileConfig {
     priority: Option<Priority>,
     metrics_listen: Option<String>,
     substituter_listen: Option<String>,
+    machine: Option<String>,
+    claim_timeout: Option<u64>,
 }
 
 /// What the command line says; `None` leaves the decision to the environment and file.
@@ -153,6 +157,12 @@ pub struct Config {
     /// `substituter-listen` or `NARPOST_SUBSTITUTER_LISTEN`: where the daemon serves the
     /// cache to this machine's Nix (see [`crate::substituter`]).
     pub substituter_listen: Option<std::net::SocketAddr>,
+    /// `machine` or `NARPOST_MACHINE`: this machine's name in build claims; by default its
+    /// `/etc/machine-id`, else its host name.
+    pub machine: String,
+    /// `claim-timeout` or `NARPOST_CLAIM_TIMEOUT`: seconds a build claim may go without a
+    /// heartbeat before others take its machine for dead; default 60.
+    pub claim_timeout: Duration,
     /// The file the settings came from, if any (for `status`).
     pub config_file: Option<PathBuf>,
     /// Key names whose signature in the local store means upstream serves the path.
@@ -305,7 +315,31 @@ impl Config {
             "substituter-listen",
             file.substituter_listen.clone(),
         )?;
+        let machine = match env("NARPOST_MACHINE").or(file.machine.clone()) {
+            Some(name) if crate::format::claim::valid_machine(&name) => name,
+            Some(name) => {
+                return Err(ConfigError::Parse {
+                    path: config_file.clone().unwrap_or_default(),
+                    message: format!(
+                        "machine = {name:?}: use 1 to {} of A-Z a-z 0-9 . _ -, not starting with a dot",
+                        crate::format::claim::MAX_MACHINE_LEN
+                    ),
+                });
+            }
+            None => default_machine(),
+        };
+        let claim_timeout = match env("NARPOST_CLAIM_TIMEOUT") {
+            Some(v) => Duration::from_secs(v.parse().map_err(|_| ConfigError::Env {
+                var: "NARPOST_CLAIM_TIMEOUT",
+                value: v.clone(),
+                reason: "expected whole seconds".into(),
+            })?),
+            None => Duration::from_secs(file.claim_timeout.unwrap_or(60)),
+        }
+        .clamp(Duration::from_secs(1), Duration::from_secs(NEVER_SECS));
         Ok(Config {
+            machine,
+            claim_timeout,
             upstream_keys,
             upload_logs,
             max_log_size,
@@ -437,6 +471,18 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
         source,
     })?;
     Ok(s.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// This machine's name in build claims when none is configured: its machine id, else its
+/// host name, else one that says neither was found.
+fn default_machine() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    [id.trim(), host.trim()]
+        .into_iter()
+        .find(|name| crate::format::claim::valid_machine(name))
+        .unwrap_or("unnamed")
+        .to_owned()
 }
 
 /// `metrics-listen`'s value, or an error naming it.

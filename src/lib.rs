@@ -16,6 +16,7 @@
 //! - [`queue`]: the durable on-disk queue of paths waiting for upload.
 //! - [`drain_state`]: what the drainer publishes for `status`, the metrics and the watchers.
 //! - [`private_dir`]: the state directory and its files, refused when someone else could steer writes to them.
+//! - [`claims`]: building once across machines: build claims in the cache, and waiting on another machine's.
 //! - [`substituter`]: the daemon's local substituter: serves the cache to this machine's Nix.
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
 //! - [`daemon`]: drains the queue (also behind `watch-store` and `watch-exec`).
@@ -33,6 +34,7 @@ pub mod app;
 pub mod buildlog;
 pub mod cache;
 pub mod check;
+pub mod claims;
 pub mod cli;
 pub mod cli_docs;
 pub mod compress;

@@ -205,6 +205,40 @@ impl Store {
         }
     }
 
+    /// The store path whose hash part is `hash`, valid or not: a valid path, or an output
+    /// of a derivation in the store (Nix records those before building them). `None` when
+    /// the store knows no such path, or can only be asked through `nix` (which knows only
+    /// valid paths).
+    pub fn path_from_hash_part(&self, hash: &str) -> Result<Option<StorePath>, StoreError> {
+        let Source::Db { conn, db } = &self.source else {
+            return Ok(None);
+        };
+        let conn = lock(conn);
+        let from = format!("{}/{hash}-", crate::format::store_path::STORE_DIR);
+        // `-` is followed by `.` in ASCII: every name starting with the prefix sorts below.
+        let to = format!("{}/{hash}.", crate::format::store_path::STORE_DIR);
+        let query = |sql: &str| -> Result<Option<String>, rusqlite::Error> {
+            let mut stmt = conn.prepare_cached(sql)?;
+            let mut rows = stmt.query(rusqlite::params![from, to])?;
+            match rows.next()? {
+                Some(row) => row.get(0).map(Some),
+                None => Ok(None),
+            }
+        };
+        let found = query("SELECT path FROM ValidPaths WHERE path >= ?1 AND path < ?2 LIMIT 1")
+            .and_then(|valid| match valid {
+                Some(p) => Ok(Some(p)),
+                None => query(
+                    "SELECT path FROM DerivationOutputs WHERE path >= ?1 AND path < ?2 LIMIT 1",
+                ),
+            })
+            .map_err(|source| StoreError::Query {
+                db: db.display().to_string(),
+                source,
+            })?;
+        Ok(found.and_then(|p| StorePath::from_absolute(&p).ok()))
+    }
+
     /// Paths registered at or after `since` (seconds), with their registration time, oldest
     /// first. Used to rescan after the store watcher lost events.
     pub fn registered_since(&self, since: i64) -> Result<Vec<(StorePath, i64)>, StoreError> {

@@ -13,9 +13,12 @@
 //!
 //! - `GET /nix-cache-info`: `StoreDir`, `WantMassQuery: 1` and `Priority: 30` (ahead of
 //!   cache.nixos.org's 40, so the fleet's cache is asked first).
-//! - `GET /<hash>.narinfo`: the cache's narinfo, or 404. A cache that fails or cannot be
-//!   reached also gets a 404, logged: Nix then builds the path, which is what it would do
-//!   without this cache, where an error would fail the build (`fallback` is off by default).
+//! - `GET /<hash>.narinfo`: the cache's narinfo, or 404. With build claims on (a cache
+//!   that can be listed), a path the cache lacks is first looked up among the claims: while
+//!   another machine builds it, the answer waits for that build ([`crate::claims`]). A
+//!   cache that fails or cannot be reached also gets a 404, logged: Nix then builds the
+//!   path, which is what it would do without this cache, where an error would fail the
+//!   build (`fallback` is off by default).
 //! - `GET /nar/<file>` and `GET /log/<drv>`: the object, streamed, or 404; an error from
 //!   the cache before the first byte is a 502, one after it ends the connection (Nix
 //!   retries the download).
@@ -27,6 +30,7 @@
 //! past [`MAX_CONNECTIONS`] the oldest connection is closed.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -38,6 +42,7 @@ use hyper::body::Frame;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::DynTarget;
+use crate::claims::{Answer, Claims};
 
 /// How long a client may take to send a request's head.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -58,6 +63,7 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 pub async fn serve(
     addr: std::net::SocketAddr,
     target: DynTarget,
+    claims: Option<Arc<Claims>>,
     max_log_size: u64,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -91,11 +97,11 @@ pub async fn serve(
                     oldest.abort();
                 }
             }
-            let target = target.clone();
+            let (target, claims) = (target.clone(), claims.clone());
             let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let target = target.clone();
-                    async move { Ok::<_, Infallible>(respond(req, target, max_log_size).await) }
+                    let (target, claims) = (target.clone(), claims.clone());
+                    async move { Ok::<_, Infallible>(respond(req, target, claims, max_log_size).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -162,6 +168,7 @@ fn route(path: &str) -> Asked<'_> {
 async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
     target: DynTarget,
+    claims: Option<Arc<Claims>>,
     max_log_size: u64,
 ) -> hyper::Response<Body> {
     let head = match *req.method() {
@@ -174,7 +181,19 @@ async fn respond(
         Asked::CacheInfo => small(200, "text/x-nix-cache-info", CACHE_INFO.into(), head),
         Asked::Narinfo(key) => match target.read_small(key, MAX_NARINFO).await {
             Ok(Some(body)) => small(200, "text/x-nix-narinfo", body.into(), head),
-            Ok(None) => text(404, "not in the cache\n"),
+            // Another machine may be building it: then the answer waits for that build.
+            Ok(None) => match &claims {
+                Some(claims) => {
+                    let hash = key.trim_end_matches(".narinfo");
+                    match claims.answer_miss(hash).await {
+                        Answer::Narinfo(body) => {
+                            small(200, "text/x-nix-narinfo", body.into(), head)
+                        }
+                        Answer::Miss => text(404, "not in the cache\n"),
+                    }
+                }
+                None => text(404, "not in the cache\n"),
+            },
             Err(e) => {
                 // A 404 lets Nix build the path; an error would fail its build.
                 tracing::warn!(

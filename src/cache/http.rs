@@ -171,7 +171,9 @@ impl HttpTarget {
             ))
             .with_hint("name the paths to check"));
         }
-        Ok(Some(names_in_listing(&String::from_utf8_lossy(&answer.body))))
+        Ok(Some(names_in_listing(&String::from_utf8_lossy(
+            &answer.body,
+        ))))
     }
 
     fn request(&self, method: Method, url: Url) -> RequestBuilder {

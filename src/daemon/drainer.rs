@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::entries::{Held, Loaded, load};
 use super::session::{RunDone, Session, Settled};
 use super::{DrainState, SPOOL_DIR, STATE_FILE, now};
+use crate::claims::Claims;
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::metrics::Metrics;
@@ -51,6 +52,8 @@ pub struct Drainer {
     /// Entries whose roots this drainer has made durable (see [`make_roots_durable`]).
     rooted: HashSet<EntryId>,
     metrics: Arc<Metrics>,
+    /// This machine's build claims, released as their paths reach the cache.
+    claims: Option<Arc<Claims>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -112,7 +115,13 @@ impl Drainer {
             next_adoption: None,
             rooted: HashSet::new(),
             metrics,
+            claims: None,
         })
+    }
+
+    /// Ends this machine's claim on each path once the path is in the cache.
+    pub fn set_claims(&mut self, claims: Arc<Claims>) {
+        self.claims = Some(claims);
     }
 
     /// How long uploads under way may go on after a stop signal.
@@ -245,6 +254,11 @@ impl Drainer {
             }
         };
         let settled = self.settle(&done.entries, &plan, &report)?;
+        if let Some(claims) = &self.claims {
+            for info in plan.paths.iter().filter(|i| report.is_done(&i.path)) {
+                claims.release(info.path.hash_part());
+            }
+        }
         // Back to normal only when a whole run went through: a cache that answers the
         // planning queries but fails uploads, or a full spool disk, is still "down".
         if settled.attention.is_some() || settled.failure.is_none() {

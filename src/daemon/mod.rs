@@ -54,6 +54,7 @@ pub use lock::DrainLock;
 
 use std::sync::Arc;
 
+use crate::claims::{ClaimOptions, Claims};
 use crate::config::Config;
 use crate::format::store_path::StorePath;
 use crate::metrics::Metrics;
@@ -157,13 +158,38 @@ pub async fn run_daemon(cfg: Config, metrics: Arc<Metrics>) -> anyhow::Result<()
     let serving = CancellationToken::new();
     let _serving = serving.clone().drop_guard();
     if let Some(addr) = cfg.substituter_listen {
-        crate::substituter::serve(
-            addr,
-            drainer.pipeline().target().clone(),
-            cfg.max_log_size,
-            serving,
-        )
-        .await?;
+        let target = drainer.pipeline().target().clone();
+        let claims = match target.list("claims/").await {
+            Ok(Some(_)) => {
+                let claims = Arc::new(Claims::new(
+                    target.clone(),
+                    ClaimOptions {
+                        machine: cfg.machine.clone(),
+                        timeout: cfg.claim_timeout,
+                    },
+                ));
+                let store = drainer.pipeline().store().clone();
+                tokio::spawn(claims.clone().run(store, serving.clone()));
+                drainer.set_claims(claims.clone());
+                tracing::info!(
+                    "build claims on, as machine {}: a path another machine builds is waited for",
+                    cfg.machine
+                );
+                Some(claims)
+            }
+            Ok(None) => {
+                tracing::info!(
+                    "{}: cannot be listed, so no build claims: the substituter only forwards",
+                    target.url()
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!("no build claims: {}", e.message);
+                None
+            }
+        };
+        crate::substituter::serve(addr, target, claims, cfg.max_log_size, serving.clone()).await?;
     }
     tracing::info!(
         "draining {} into {}",

@@ -44,7 +44,9 @@ pub enum ClaimError {
     BadLine(String),
     #[error("{0} is not a number")]
     BadNumber(&'static str),
-    #[error("machine name {0:?}: use 1 to {MAX_MACHINE_LEN} of A-Z a-z 0-9 . _ -, not starting with a dot")]
+    #[error(
+        "machine name {0:?}: use 1 to {MAX_MACHINE_LEN} of A-Z a-z 0-9 . _ -, not starting with a dot"
+    )]
     BadMachine(String),
     #[error("no {0} line")]
     Missing(&'static str),
@@ -78,7 +80,11 @@ impl Claim {
             let Some((name, value)) = line.split_once(": ") else {
                 return Err(ClaimError::BadLine(line.to_owned()));
             };
-            let number = |what| value.parse::<u64>().map_err(|_| ClaimError::BadNumber(what));
+            let number = |what| {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| ClaimError::BadNumber(what))
+            };
             match name {
                 "Machine" => {
                     if !valid_machine(value) {
@@ -161,8 +167,14 @@ mod tests {
     fn a_bad_claim_is_refused() {
         for (text, err) in [
             ("Machine: a\nSession: 1\n", ClaimError::Missing("Beat")),
-            ("Machine: a\nSession: x\nBeat: 1\n", ClaimError::BadNumber("Session")),
-            ("Machine: ../up\nSession: 1\nBeat: 1\n", ClaimError::BadMachine("../up".into())),
+            (
+                "Machine: a\nSession: x\nBeat: 1\n",
+                ClaimError::BadNumber("Session"),
+            ),
+            (
+                "Machine: ../up\nSession: 1\nBeat: 1\n",
+                ClaimError::BadMachine("../up".into()),
+            ),
             ("garbage\n", ClaimError::BadLine("garbage".into())),
         ] {
             assert_eq!(Claim::parse(text.as_bytes()), Err(err), "{text:?}");

@@ -270,7 +270,9 @@ impl Target for FileTarget {
     }
 
     async fn list(&self, prefix: &str) -> Result<Option<Vec<String>>, TargetError> {
-        let dir = self.dir.join(super::object_key(prefix.trim_end_matches('/'))?);
+        let dir = self
+            .dir
+            .join(super::object_key(prefix.trim_end_matches('/'))?);
         let inner = self.inner.clone();
         blocking(move || {
             let list_err = |e| inner.io_err(e, "cannot list", &dir);

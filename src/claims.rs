@@ -1,0 +1,769 @@
+//! Building once across machines: while a machine builds a path the cache lacks, the others
+//! wait for it and substitute it, instead of building it too.
+//!
+//! # What Nix allows
+//!
+//! Nix asks its substituters about every path of a build before it builds anything, one
+//! question at a time, and waits for each answer; a 404 is remembered for an hour. So the
+//! one place a machine can wait for another's build is the answer to that question, and
+//! the first answer is the only one that counts. The daemon's local substituter
+//! ([`crate::substituter`]) asks this module when the cache has no narinfo for a path.
+//!
+//! # Claims
+//!
+//! A machine that answers "not in the cache" (so its Nix builds the path) first claims the
+//! path: it writes `claims/<hash part>/<machine>` into the cache ([`crate::format::claim`]).
+//! One object per machine and path: no two machines ever write the same object, so the
+//! cache needs no create-if-absent. A claim carries the machine's **session key**: when
+//! its current claiming session began (a session starts with the first claim made while it
+//! holds none, and lasts while it holds any), with its name as the tie-break. Every machine
+//! reads the same key from the object, so all order claims alike.
+//!
+//! # Deciding, and why no two machines wait on each other
+//!
+//! Asked about a path the cache lacks, a machine lists the path's claims and:
+//!
+//! 1. if a claim's key is smaller than its own (its session's, or "now" if it holds none),
+//!    it waits on the smallest such claim;
+//! 2. otherwise it writes its own claim, **lists again**, and waits on the smallest claim
+//!    smaller than its own if there is one now (withdrawing its own), or else answers
+//!    "not in the cache", and its Nix builds the path.
+//!
+//! A machine waits only on a smaller key than its own. A wait cycle would need A waiting on
+//! B (B < A) and B on A (A < B): impossible in a total order, whatever the paths and
+//! whatever each machine has seen. A machine that finds a path claimed by a younger
+//! session claims it too and builds it: a duplicate build, the price of never deadlocking.
+//! Two machines asking at once both write before either lists for the decision, so at
+//! least the later sees both and picks the same smallest key; should the earlier have
+//! listed before the later wrote, it builds, and the later one waits on it (or, when a
+//! skewed clock made it look older, builds too). Clock skew only decides who counts as
+//! older; nothing compares a remote time with a local one.
+//!
+//! # Waiting
+//!
+//! The waiter asks the cache for the narinfo and reads the claim twice a second:
+//!
+//! - the narinfo appeared: that is the answer, and Nix substitutes the path (and then its
+//!   closure, through the same substituter);
+//! - the claim is gone (its build failed, or never started) or belongs to a new session:
+//!   decide again, from step 1;
+//! - the claim's heartbeat did not change for `claim-timeout` **on the waiter's own clock**
+//!   (its machine died): decide again, ignoring that claim;
+//! - the wait reached [`MAX_WAIT`] (below Nix's `stalled-download-timeout`): claim the path
+//!   and answer "not in the cache".
+//!
+//! # When a claim ends
+//!
+//! - **Uploaded**: the drainer releases the claims of the paths it has put in the cache
+//!   ([`Claims::release`]).
+//! - **Build failed**: Nix holds a `flock` on `/nix/store/<hash>-<name>.lock` while it
+//!   builds that output; the claim goes once its lock was seen held, is no longer held, and
+//!   the path is not valid (looked at every [`WATCH_EVERY`]).
+//! - **Never built** (Nix stopped after another build failed, or substituted the path
+//!   from elsewhere): once no claimed path's lock has been held for [`NEVER_BUILT_GRACE`]
+//!   and this machine waits for nothing, the claims whose lock was never seen go.
+//! - **The machine died**: its claims stop changing; the daemon rewrites its claims every
+//!   quarter of `claim-timeout` while they live, and waiters expire them as above.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{DynTarget, TargetError};
+use crate::format::claim::{self, Claim, ClaimKey, MAX_CLAIM_LEN};
+use crate::format::store_path::StorePath;
+use crate::store::Store;
+
+/// The longest a question is held: Nix gives up on a transfer that receives nothing for
+/// `stalled-download-timeout` (300 s by default), and an error fails its build.
+pub const MAX_WAIT: Duration = Duration::from_secs(240);
+
+/// How often a waiter looks at the cache.
+const POLL: Duration = Duration::from_millis(500);
+
+/// How often this machine looks at its own claims' builds.
+pub const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// How long no claimed path may be building before the claims never built go.
+pub const NEVER_BUILT_GRACE: Duration = Duration::from_secs(10);
+
+/// A narinfo larger than this is not one.
+const MAX_NARINFO: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ClaimOptions {
+    /// This machine's name in claims.
+    pub machine: String,
+    /// A claim whose heartbeat does not change for this long belongs to a dead machine.
+    pub timeout: Duration,
+}
+
+/// What the substituter answers a narinfo question the cache could not.
+#[derive(Debug)]
+pub enum Answer {
+    /// Another machine built and uploaded the path while this one waited.
+    Narinfo(Vec<u8>),
+    /// Not in the cache: Nix builds it (and this machine holds the claim).
+    Miss,
+}
+
+enum Decision {
+    Build,
+    Wait(Claim),
+}
+
+enum WaitEnd {
+    Narinfo(Vec<u8>),
+    Gone,
+    Expired,
+    TimedOut,
+}
+
+/// This machine's claims, and the waits of its substituter.
+pub struct Claims {
+    target: DynTarget,
+    opts: ClaimOptions,
+    own: Mutex<Own>,
+    /// Where the build locks are.
+    store_dir: PathBuf,
+}
+
+#[derive(Default)]
+struct Own {
+    /// When the current session began (ms since the epoch), while any claim is held.
+    session: Option<u64>,
+    held: BTreeMap<String, Held>,
+    /// Paths the substituter waits on right now, by hash part.
+    waiting: BTreeMap<String, usize>,
+    /// When a claimed path's lock was last seen held.
+    last_building: Option<Instant>,
+    waits: u64,
+    saved: u64,
+}
+
+struct Held {
+    beat: u64,
+    since: Instant,
+    /// The path, once the store knows its name.
+    path: Option<StorePath>,
+    lock_seen: bool,
+}
+
+/// What `status` shows of the claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClaimsState {
+    pub machine: String,
+    /// Hash parts of the paths this machine claims.
+    pub held: Vec<String>,
+    /// Hash parts of the paths this machine waits for another to build.
+    pub waiting: Vec<String>,
+    /// Waits since start, and those that ended with the path from another machine.
+    pub waits: u64,
+    pub builds_saved: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Claims {
+    pub fn new(target: DynTarget, opts: ClaimOptions) -> Claims {
+        Claims {
+            target,
+            opts,
+            own: Mutex::new(Own::default()),
+            store_dir: PathBuf::from(crate::format::store_path::STORE_DIR),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Own> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> ClaimsState {
+        let own = self.lock();
+        ClaimsState {
+            machine: self.opts.machine.clone(),
+            held: own.held.keys().cloned().collect(),
+            waiting: own.waiting.keys().cloned().collect(),
+            waits: own.waits,
+            builds_saved: own.saved,
+        }
+    }
+
+    /// The answer for a path (by hash part) whose narinfo the cache lacks: see the module
+    /// doc. Never an error: whatever fails, Nix gets a miss and builds.
+    pub async fn answer_miss(&self, hash: &str) -> Answer {
+        let deadline = Instant::now() + MAX_WAIT;
+        let mut ignore: HashSet<(String, u64)> = HashSet::new();
+        loop {
+            let decision = match self.decide(hash, &ignore).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("claims: {}; building {hash} here", e.message);
+                    return Answer::Miss;
+                }
+            };
+            let Decision::Wait(on) = decision else {
+                return Answer::Miss;
+            };
+            tracing::info!("{hash}: {} builds it; waiting for it", on.machine);
+            match self.wait_on(hash, &on, deadline).await {
+                WaitEnd::Narinfo(body) => {
+                    self.lock().saved += 1;
+                    tracing::info!("{hash}: built by {}; substituting it", on.machine);
+                    return Answer::Narinfo(body);
+                }
+                WaitEnd::Gone => {}
+                WaitEnd::Expired => {
+                    tracing::info!(
+                        "{hash}: the claim of {} did not change for {}s; its machine is gone",
+                        on.machine,
+                        self.opts.timeout.as_secs()
+                    );
+                    ignore.insert((on.machine.clone(), on.session));
+                }
+                WaitEnd::TimedOut => {
+                    tracing::warn!(
+                        "{hash}: waited {}s for {}; building it here",
+                        MAX_WAIT.as_secs(),
+                        on.machine
+                    );
+                    if let Err(e) = self.claim(hash).await {
+                        tracing::warn!("claims: {}", e.message);
+                    }
+                    return Answer::Miss;
+                }
+            }
+        }
+    }
+
+    /// This machine's key: its session's, or the one a session starting now would have.
+    fn my_key(&self) -> ClaimKey {
+        ClaimKey {
+            session: self.lock().session.unwrap_or_else(now_ms),
+            machine: self.opts.machine.clone(),
+        }
+    }
+
+    async fn decide(
+        &self,
+        hash: &str,
+        ignore: &HashSet<(String, u64)>,
+    ) -> Result<Decision, TargetError> {
+        if let Some(older) = older_than(&self.others(hash, ignore).await?, &self.my_key()) {
+            return Ok(Decision::Wait(older));
+        }
+        self.claim(hash).await?;
+        if let Some(older) = older_than(&self.others(hash, ignore).await?, &self.my_key()) {
+            self.withdraw(hash).await;
+            return Ok(Decision::Wait(older));
+        }
+        Ok(Decision::Build)
+    }
+
+    /// The other machines' claims on the path, but those in `ignore` (expired).
+    async fn others(
+        &self,
+        hash: &str,
+        ignore: &HashSet<(String, u64)>,
+    ) -> Result<Vec<Claim>, TargetError> {
+        let Some(names) = self.target.list(&claim::claims_prefix(hash)).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for name in names {
+            if name == self.opts.machine || !claim::valid_machine(&name) {
+                continue;
+            }
+            let key = claim::claim_key(hash, &name);
+            let Some(bytes) = self.target.read_small(&key, MAX_CLAIM_LEN).await? else {
+                continue;
+            };
+            match Claim::parse(&bytes) {
+                Ok(c) if c.machine == name && !ignore.contains(&(c.machine.clone(), c.session)) => {
+                    out.push(c)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("{key}: not a claim: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims the path (again), starting a session if none is under way.
+    async fn claim(&self, hash: &str) -> Result<(), TargetError> {
+        let text = {
+            let mut own = self.lock();
+            let session = *own.session.get_or_insert_with(now_ms);
+            let held = own.held.entry(hash.to_owned()).or_insert(Held {
+                beat: 0,
+                since: Instant::now(),
+                path: None,
+                lock_seen: false,
+            });
+            held.beat += 1;
+            Claim {
+                machine: self.opts.machine.clone(),
+                session,
+                beat: held.beat,
+            }
+            .to_string()
+        };
+        let written = self
+            .target
+            .write_small(
+                &claim::claim_key(hash, &self.opts.machine),
+                text.into_bytes(),
+            )
+            .await;
+        if written.is_err() {
+            self.forget(hash);
+        }
+        written
+    }
+
+    /// Ends this machine's claim on the path, if it holds one.
+    async fn withdraw(&self, hash: &str) {
+        if self.forget(hash) {
+            let key = claim::claim_key(hash, &self.opts.machine);
+            if let Err(e) = self.target.remove(&key).await {
+                // It expires with its heartbeat.
+                tracing::warn!("claims: cannot remove {key}: {}", e.message);
+            }
+        }
+    }
+
+    /// Drops the claim from this machine's book; whether it held one.
+    fn forget(&self, hash: &str) -> bool {
+        let mut own = self.lock();
+        let had = own.held.remove(hash).is_some();
+        if own.held.is_empty() {
+            own.session = None;
+        }
+        had
+    }
+
+    /// The path is in the cache now (the drainer put it there, or found it there): its
+    /// claim, if this machine holds one, ends.
+    pub fn release(self: &Arc<Self>, hash: &str) {
+        if !self.lock().held.contains_key(hash) {
+            return;
+        }
+        let claims = self.clone();
+        let hash = hash.to_owned();
+        tokio::spawn(async move { claims.withdraw(&hash).await });
+    }
+
+    async fn wait_on(&self, hash: &str, on: &Claim, deadline: Instant) -> WaitEnd {
+        let _waiting = Waiting::new(self, hash);
+        let narinfo = format!("{hash}.narinfo");
+        let key = claim::claim_key(hash, &on.machine);
+        let mut beat = on.beat;
+        let mut changed = Instant::now();
+        loop {
+            tokio::time::sleep(POLL).await;
+            if Instant::now() >= deadline {
+                return WaitEnd::TimedOut;
+            }
+            if let Ok(Some(body)) = self.target.read_small(&narinfo, MAX_NARINFO).await {
+                return WaitEnd::Narinfo(body);
+            }
+            match self.target.read_small(&key, MAX_CLAIM_LEN).await {
+                Ok(None) => return WaitEnd::Gone,
+                Ok(Some(bytes)) => match Claim::parse(&bytes) {
+                    Ok(now) if now.session == on.session => {
+                        if now.beat != beat {
+                            beat = now.beat;
+                            changed = Instant::now();
+                        }
+                    }
+                    _ => return WaitEnd::Gone,
+                },
+                // A cache that cannot be read counts as a claim that does not change.
+                Err(e) => tracing::debug!("claims: {}", e.message),
+            }
+            if changed.elapsed() >= self.opts.timeout {
+                return WaitEnd::Expired;
+            }
+        }
+    }
+
+    /// Watches this machine's claims until `stop`: their builds (see the module doc) and
+    /// their heartbeat.
+    pub async fn run(self: Arc<Self>, store: Arc<Store>, stop: CancellationToken) {
+        let beat_every = (self.opts.timeout / 4).max(Duration::from_millis(250));
+        let mut last_beat = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+            let watched: Vec<(String, Option<StorePath>)> = self
+                .lock()
+                .held
+                .iter()
+                .map(|(h, c)| (h.clone(), c.path.clone()))
+                .collect();
+            if watched.is_empty() {
+                continue;
+            }
+            let (store, dir) = (store.clone(), self.store_dir.clone());
+            let seen = tokio::task::spawn_blocking(move || look_at_builds(&store, &dir, watched))
+                .await
+                .unwrap_or_default();
+            // Built here and in the cache, but not through this machine's queue (its hook
+            // is off, or another machine uploaded it first): nothing to wait for any more.
+            for s in seen.iter().filter(|s| s.valid) {
+                let narinfo = format!("{}.narinfo", s.hash);
+                if let Ok(Some(_)) = self.target.object_size(&narinfo).await {
+                    self.withdraw(&s.hash).await;
+                }
+            }
+            for hash in self.ended(seen) {
+                tracing::info!("{hash}: not built here after all; its claim ends");
+                self.withdraw(&hash).await;
+            }
+            if last_beat.elapsed() >= beat_every {
+                last_beat = Instant::now();
+                let held: Vec<String> = self.lock().held.keys().cloned().collect();
+                for hash in held {
+                    if let Err(e) = self.claim(&hash).await {
+                        tracing::warn!("claims: heartbeat of {hash}: {}", e.message);
+                    }
+                }
+            }
+        }
+        // A stopped daemon leaves nothing for others to wait on.
+        let held: Vec<String> = self.lock().held.keys().cloned().collect();
+        for hash in held {
+            self.withdraw(&hash).await;
+        }
+    }
+
+    /// Books what [`look_at_builds`] saw; returns the claims that end.
+    fn ended(&self, seen: Vec<Seen>) -> Vec<String> {
+        let mut own = self.lock();
+        let now = Instant::now();
+        for s in &seen {
+            if let Some(held) = own.held.get_mut(&s.hash) {
+                if held.path.is_none() {
+                    held.path = s.path.clone();
+                }
+                held.lock_seen |= s.locked;
+            }
+            if s.locked {
+                own.last_building = Some(now);
+            }
+        }
+        let idle = own
+            .last_building
+            .is_none_or(|at| now.duration_since(at) >= NEVER_BUILT_GRACE);
+        let waiting = !own.waiting.is_empty();
+        let mut out = Vec::new();
+        for s in seen {
+            let Some(held) = own.held.get(&s.hash) else {
+                continue;
+            };
+            let failed = held.lock_seen && !s.locked && !s.valid;
+            let never = !held.lock_seen
+                && !s.valid
+                && idle
+                && !waiting
+                && now.duration_since(held.since) >= NEVER_BUILT_GRACE;
+            if failed || never {
+                out.push(s.hash);
+            }
+        }
+        out
+    }
+}
+
+/// The smallest of `claims` whose key is smaller than `mine`.
+fn older_than(claims: &[Claim], mine: &ClaimKey) -> Option<Claim> {
+    claims
+        .iter()
+        .filter(|c| c.key() < *mine)
+        .min_by_key(|c| c.key())
+        .cloned()
+}
+
+/// Counts a wait while it lasts, for `status`.
+struct Waiting<'a> {
+    claims: &'a Claims,
+    hash: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(claims: &'a Claims, hash: &str) -> Waiting<'a> {
+        let mut own = claims.lock();
+        *own.waiting.entry(hash.to_owned()).or_default() += 1;
+        own.waits += 1;
+        Waiting {
+            claims,
+            hash: hash.to_owned(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut own = self.claims.lock();
+        if let Some(n) = own.waiting.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                own.waiting.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// What one look at a claimed path found.
+#[derive(Debug, Default)]
+struct Seen {
+    hash: String,
+    path: Option<StorePath>,
+    locked: bool,
+    valid: bool,
+}
+
+/// Looks at each claimed path: its name (from the store), whether it is valid, whether its
+/// build lock is held. Blocking.
+fn look_at_builds(
+    store: &Store,
+    store_dir: &Path,
+    watched: Vec<(String, Option<StorePath>)>,
+) -> Vec<Seen> {
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    watched
+        .into_iter()
+        .map(|(hash, path)| {
+            let path = path.or_else(|| store.path_from_hash_part(&hash).ok().flatten());
+            let (locked, valid) = match &path {
+                Some(p) => (
+                    lock_held(&locks, &store_dir.join(format!("{}.lock", p.base()))),
+                    store.is_valid(p).unwrap_or(false),
+                ),
+                None => (false, false),
+            };
+            Seen {
+                hash,
+                path,
+                locked,
+                valid,
+            }
+        })
+        .collect()
+}
+
+/// Whether `/proc/locks` (its text) shows a lock held on `file`. Reading the table takes no
+/// lock itself: trying one would make Nix wait for it.
+fn lock_held(locks: &str, file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(file) else {
+        // Nix deletes the lock file after a build that succeeded.
+        return false;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    locked_in_table(locks, major, minor, meta.ino())
+}
+
+/// Whether the `/proc/locks` text has a lock on the inode `ino` of device `major:minor`.
+fn locked_in_table(locks: &str, major: u32, minor: u32, ino: u64) -> bool {
+    locks.lines().any(|line| {
+        // `1: FLOCK  ADVISORY  WRITE 31152 fe:00:9576259 0 EOF`; a waiter's line has `->`.
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&"->") {
+            return false;
+        }
+        fields.iter().any(|f| {
+            let mut parts = f.split(':');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(ma), Some(mi), Some(i), None) => {
+                    u32::from_str_radix(ma, 16) == Ok(major)
+                        && u32::from_str_radix(mi, 16) == Ok(minor)
+                        && i.parse::<u64>() == Ok(ino)
+                }
+                _ => false,
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Target as _;
+
+    const HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+    async fn machine(cache: &Path, name: &str, timeout: Duration) -> Arc<Claims> {
+        let target = crate::cache::file::FileTarget::new(cache.to_path_buf(), 3);
+        target.open().await.unwrap();
+        Arc::new(Claims::new(
+            Arc::new(target),
+            ClaimOptions {
+                machine: name.into(),
+                timeout,
+            },
+        ))
+    }
+
+    fn asking(claims: &Arc<Claims>, hash: &str) -> tokio::task::JoinHandle<Answer> {
+        let (claims, hash) = (claims.clone(), hash.to_owned());
+        tokio::spawn(async move { claims.answer_miss(&hash).await })
+    }
+
+    #[tokio::test]
+    async fn the_second_machine_waits_for_the_first_and_gets_what_it_uploads() {
+        let cache = tempfile::tempdir().unwrap();
+        let a = machine(cache.path(), "a", Duration::from_secs(60)).await;
+        let b = machine(cache.path(), "b", Duration::from_secs(60)).await;
+        assert!(matches!(a.answer_miss(HASH).await, Answer::Miss));
+        assert!(cache.path().join(format!("claims/{HASH}/a")).is_file());
+        assert_eq!(a.state().held, [HASH]);
+
+        let waiting = asking(&b, HASH);
+        tokio::time::sleep(POLL * 2).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(b.state().waiting, [HASH]);
+        assert!(b.state().held.is_empty(), "a waiter holds no claim");
+
+        std::fs::write(
+            cache.path().join(format!("{HASH}.narinfo")),
+            "StorePath: x\n",
+        )
+        .unwrap();
+        a.release(HASH);
+        match tokio::time::timeout(POLL * 4, waiting).await {
+            Ok(Ok(Answer::Narinfo(body))) => assert_eq!(body, b"StorePath: x\n"),
+            other => panic!("the waiter did not get the narinfo: {other:?}"),
+        }
+        assert_eq!(b.state().builds_saved, 1);
+    }
+
+    #[tokio::test]
+    async fn machines_asking_at_once_agree_on_one_builder_whose_failure_frees_the_other() {
+        let cache = tempfile::tempdir().unwrap();
+        for round in 0..4 {
+            let hash = format!("{}{round}", &HASH[..31]);
+            let a = machine(cache.path(), &format!("a{round}"), Duration::from_secs(60)).await;
+            let b = machine(cache.path(), &format!("b{round}"), Duration::from_secs(60)).await;
+            let (mut first, mut second) = (asking(&a, &hash), asking(&b, &hash));
+            tokio::time::sleep(POLL).await;
+            // Exactly one builds at once; the other waits on it.
+            let (builder, waiter, waiting) = match (first.is_finished(), second.is_finished()) {
+                (true, false) => (a, b, &mut second),
+                (false, true) => (b, a, &mut first),
+                both => panic!("round {round}: finished {both:?}: one builds, one waits"),
+            };
+            assert_eq!(builder.state().held, std::slice::from_ref(&hash));
+            assert_eq!(waiter.state().waiting, std::slice::from_ref(&hash));
+            // The build fails: its claim goes, and the waiter builds at once.
+            builder.withdraw(&hash).await;
+            match tokio::time::timeout(POLL * 4, waiting).await {
+                Ok(Ok(Answer::Miss)) => {}
+                other => panic!("round {round}: the waiter did not take over: {other:?}"),
+            }
+            assert_eq!(waiter.state().held, std::slice::from_ref(&hash));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_heartbeat_stops_is_waited_on_for_the_timeout_only() {
+        let cache = tempfile::tempdir().unwrap();
+        let dead = Claim {
+            machine: "dead".into(),
+            session: 1,
+            beat: 3,
+        };
+        let dir = cache.path().join(format!("claims/{HASH}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dead"), dead.to_string()).unwrap();
+        let b = machine(cache.path(), "b", Duration::from_secs(1)).await;
+        let started = Instant::now();
+        assert!(matches!(b.answer_miss(HASH).await, Answer::Miss));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+        assert_eq!(b.state().held, [HASH]);
+    }
+
+    #[tokio::test]
+    async fn waits_go_one_way_only_so_crossed_claims_never_deadlock() {
+        let cache = tempfile::tempdir().unwrap();
+        let (p, q) = (HASH.to_owned(), format!("{}0", &HASH[..31]));
+        let a = machine(cache.path(), "a", Duration::from_secs(60)).await;
+        let b = machine(cache.path(), "b", Duration::from_secs(60)).await;
+        assert!(matches!(a.answer_miss(&p).await, Answer::Miss));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(b.answer_miss(&q).await, Answer::Miss));
+        // b's session is younger: b waits for a's p, a does not wait for b's q.
+        let b_waits = asking(&b, &p);
+        let started = Instant::now();
+        assert!(matches!(a.answer_miss(&q).await, Answer::Miss));
+        assert!(started.elapsed() < POLL, "the older session never waits");
+        tokio::time::sleep(POLL * 2).await;
+        assert!(!b_waits.is_finished());
+        b_waits.abort();
+    }
+
+    #[test]
+    fn the_lock_table_is_read_for_the_inode_asked_about() {
+        let table = "1: POSIX  ADVISORY  WRITE 800 fe:00:123 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 31152 fe:00:9576259 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 31160 fe:00:777 0 EOF\n";
+        assert!(locked_in_table(table, 0xfe, 0, 9_576_259));
+        assert!(locked_in_table(table, 0xfe, 0, 123));
+        assert!(!locked_in_table(table, 0xfe, 1, 123), "another device");
+        assert!(!locked_in_table(table, 0xfe, 0, 777), "only waiting for it");
+        assert!(!locked_in_table("", 0xfe, 0, 123));
+    }
+
+    #[test]
+    fn a_machine_waits_only_on_an_older_claim_and_on_the_oldest() {
+        let c = |machine: &str, session| Claim {
+            machine: machine.into(),
+            session,
+            beat: 1,
+        };
+        let mine = ClaimKey {
+            session: 100,
+            machine: "m".into(),
+        };
+        let claims = [
+            c("x", 150),
+            c("y", 90),
+            c("z", 80),
+            c("a", 100),
+            c("n", 100),
+        ];
+        assert_eq!(
+            older_than(&claims, &mine).map(|c| c.machine),
+            Some("z".into())
+        );
+        // On a tie the name decides: "a" < "m" < "n".
+        assert_eq!(
+            older_than(&claims[3..], &mine).map(|c| c.machine),
+            Some("a".into())
+        );
+        assert!(older_than(&[c("x", 150), c("n", 100)], &mine).is_none());
+        // Whatever two machines see, they never each find the other older.
+        let theirs = ClaimKey {
+            session: 90,
+            machine: "y".into(),
+        };
+        let my_claim = c("m", 100);
+        assert!(older_than(&[c("y", 90)], &mine).is_some());
+        assert!(older_than(&[my_claim], &theirs).is_none());
+    }
+}
