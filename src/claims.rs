@@ -650,20 +650,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn machines_asking_at_once_agree_on_one_builder_whose_failure_frees_the_other() {
+    async fn machines_asking_at_once_never_both_wait_and_a_failure_frees_the_waiter() {
         let cache = tempfile::tempdir().unwrap();
-        for round in 0..4 {
+        let mut agreed = 0;
+        for round in 0..10 {
             let hash = format!("{}{round}", &HASH[..31]);
             let a = machine(cache.path(), &format!("a{round}"), Duration::from_secs(60)).await;
             let b = machine(cache.path(), &format!("b{round}"), Duration::from_secs(60)).await;
             let (mut first, mut second) = (asking(&a, &hash), asking(&b, &hash));
             tokio::time::sleep(POLL).await;
-            // Exactly one builds at once; the other waits on it.
+            // One builds and the other waits on it; or, when the later one's claim landed
+            // after the earlier one listed, both build (allowed: a duplicate, never a wait
+            // on each other).
             let (builder, waiter, waiting) = match (first.is_finished(), second.is_finished()) {
                 (true, false) => (a, b, &mut second),
                 (false, true) => (b, a, &mut first),
-                both => panic!("round {round}: finished {both:?}: one builds, one waits"),
+                (true, true) => continue,
+                (false, false) => panic!("round {round}: both machines wait"),
             };
+            agreed += 1;
             assert_eq!(builder.state().held, std::slice::from_ref(&hash));
             assert_eq!(waiter.state().waiting, std::slice::from_ref(&hash));
             // The build fails: its claim goes, and the waiter builds at once.
@@ -673,7 +678,11 @@ mod tests {
                 other => panic!("round {round}: the waiter did not take over: {other:?}"),
             }
             assert_eq!(waiter.state().held, std::slice::from_ref(&hash));
+            if agreed == 3 {
+                return;
+            }
         }
+        panic!("only {agreed} of 10 rounds agreed on one builder");
     }
 
     #[tokio::test]
