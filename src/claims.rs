@@ -48,7 +48,7 @@
 //! - the claim is gone (its build failed, or never started) or belongs to a new session:
 //!   decide again, from step 1;
 //! - the claim's heartbeat did not change for `claim-timeout` **on the waiter's own clock**
-//!   (its machine died): decide again, ignoring that claim;
+//!   (its machine died): decide again, ignoring that machine's session from then on;
 //! - the wait reached [`MAX_WAIT`] (below Nix's `stalled-download-timeout`): claim the path
 //!   and answer "not in the cache".
 //!
@@ -61,7 +61,8 @@
 //!   the path is not valid (looked at every [`WATCH_EVERY`]).
 //! - **Never built** (Nix stopped after another build failed, or substituted the path
 //!   from elsewhere): once no claimed path's lock has been held for [`NEVER_BUILT_GRACE`]
-//!   and this machine waits for nothing, the claims whose lock was never seen go.
+//!   and this machine waits for nothing, the claims whose lock was never seen go; at once
+//!   when a claimed build failed and nothing else builds here (Nix stops at a failure).
 //! - **The machine died**: its claims stop changing; the daemon rewrites its claims every
 //!   quarter of `claim-timeout` while they live, and waiters expire them as above.
 
@@ -142,6 +143,9 @@ struct Own {
     last_building: Option<Instant>,
     waits: u64,
     saved: u64,
+    /// Sessions whose claims expired here (machine, session): their machine is gone, and
+    /// no question waits on them again.
+    dead: HashSet<(String, u64)>,
 }
 
 struct Held {
@@ -201,8 +205,8 @@ impl Claims {
     /// doc. Never an error: whatever fails, Nix gets a miss and builds.
     pub async fn answer_miss(&self, hash: &str) -> Answer {
         let deadline = Instant::now() + MAX_WAIT;
-        let mut ignore: HashSet<(String, u64)> = HashSet::new();
         loop {
+            let ignore = self.lock().dead.clone();
             let decision = match self.decide(hash, &ignore).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -227,7 +231,7 @@ impl Claims {
                         on.machine,
                         self.opts.timeout.as_secs()
                     );
-                    ignore.insert((on.machine.clone(), on.session));
+                    self.lock().dead.insert((on.machine.clone(), on.session));
                 }
                 WaitEnd::TimedOut => {
                     tracing::warn!(
@@ -466,19 +470,25 @@ impl Claims {
             .last_building
             .is_none_or(|at| now.duration_since(at) >= NEVER_BUILT_GRACE);
         let waiting = !own.waiting.is_empty();
+        let failed = |s: &Seen, held: &Held| held.lock_seen && !s.locked && !s.valid;
+        // A build that failed while nothing else builds here: Nix stopped (it builds
+        // nothing after a failure unless told to keep going), so what it has not started
+        // it never will, and others need not wait the grace for it.
+        let stopped = !seen.iter().any(|s| s.locked)
+            && seen
+                .iter()
+                .any(|s| own.held.get(&s.hash).is_some_and(|h| failed(s, h)));
         let mut out = Vec::new();
-        for s in seen {
+        for s in &seen {
             let Some(held) = own.held.get(&s.hash) else {
                 continue;
             };
-            let failed = held.lock_seen && !s.locked && !s.valid;
             let never = !held.lock_seen
                 && !s.valid
-                && idle
                 && !waiting
-                && now.duration_since(held.since) >= NEVER_BUILT_GRACE;
-            if failed || never {
-                out.push(s.hash);
+                && (stopped || (idle && now.duration_since(held.since) >= NEVER_BUILT_GRACE));
+            if failed(s, held) || never {
+                out.push(s.hash.clone());
             }
         }
         out

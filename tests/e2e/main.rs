@@ -8,6 +8,7 @@ mod attic_server;
 mod common;
 
 mod attic_e2e;
+mod build_once_e2e;
 mod check_e2e;
 mod cli_docs;
 mod daemon_e2e;
