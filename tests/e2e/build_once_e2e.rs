@@ -237,11 +237,8 @@ impl Fleet {
         let mut text = String::new();
         for m in [&self.host, &self.peer] {
             text += &format!("--- {} daemon:\n{}", m.name, m.log());
-            for attr in ["c"] {
-                let build = fs::read_to_string(m.outside.join(format!("build-{attr}.log")))
-                    .unwrap_or_default();
-                text += &format!("--- {} nix-build:\n{build}", m.name);
-            }
+            let build = fs::read_to_string(m.outside.join("build-c.log")).unwrap_or_default();
+            text += &format!("--- {} nix-build:\n{build}", m.name);
         }
         text
     }
