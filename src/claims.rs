@@ -156,18 +156,7 @@ struct Held {
     lock_seen: bool,
 }
 
-/// What `status` shows of the claims.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClaimsState {
-    pub machine: String,
-    /// Hash parts of the paths this machine claims.
-    pub held: Vec<String>,
-    /// Hash parts of the paths this machine waits for another to build.
-    pub waiting: Vec<String>,
-    /// Waits since start, and those that ended with the path from another machine.
-    pub waits: u64,
-    pub builds_saved: u64,
-}
+pub use crate::drain_state::ClaimsState;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -401,13 +390,26 @@ impl Claims {
 
     /// Watches this machine's claims until `stop`: their builds (see the module doc) and
     /// their heartbeat.
-    pub async fn run(self: Arc<Self>, store: Arc<Store>, stop: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<Store>,
+        state_dir: PathBuf,
+        stop: CancellationToken,
+    ) {
         let beat_every = (self.opts.timeout / 4).max(Duration::from_millis(250));
         let mut last_beat = Instant::now();
+        let mut published: Option<ClaimsState> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+            let state = self.state();
+            if published.as_ref() != Some(&state) {
+                // For `status`; tried again next time round.
+                if crate::drain_state::write_claims(&state_dir, &state).is_ok() {
+                    published = Some(state);
+                }
             }
             let watched: Vec<(String, Option<StorePath>)> = self
                 .lock()
@@ -449,6 +451,7 @@ impl Claims {
         for hash in held {
             self.withdraw(&hash).await;
         }
+        let _ = crate::drain_state::write_claims(&state_dir, &self.state());
     }
 
     /// Books what [`look_at_builds`] saw; returns the claims that end.

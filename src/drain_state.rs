@@ -41,6 +41,39 @@ pub struct DrainState {
 
 pub const STATE_FILE: &str = "drain-state.json";
 
+/// What the daemon's build claims publish beside it (see [`crate::claims`]).
+pub const CLAIMS_FILE: &str = "claims-state.json";
+
+/// The build claims of this machine, for `status` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimsState {
+    /// This machine's name in claims.
+    pub machine: String,
+    /// Hash parts of the paths this machine claims (builds, or is about to).
+    pub held: Vec<String>,
+    /// Hash parts of the paths this machine waits for another to build.
+    pub waiting: Vec<String>,
+    /// Waits since start, and those that ended with the path built elsewhere.
+    pub waits: u64,
+    pub builds_saved: u64,
+}
+
+/// The claims state the daemon of `state_dir` last published, if there is one.
+pub fn read_claims(state_dir: &Path) -> Option<ClaimsState> {
+    let dir = PrivateDir::open(state_dir).ok()?;
+    let bytes = dir.read(CLAIMS_FILE, MAX_LEN).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Publishes the claims state, atomically like the drain state.
+pub fn write_claims(state_dir: &Path, state: &ClaimsState) -> std::io::Result<()> {
+    write_json(
+        state_dir,
+        CLAIMS_FILE,
+        &serde_json::to_vec_pretty(state).unwrap_or_default(),
+    )
+}
+
 /// A status file is a few hundred bytes; a larger one is not ours.
 const MAX_LEN: u64 = 1 << 20;
 
@@ -55,19 +88,26 @@ pub fn read(state_dir: &Path) -> Option<DrainState> {
 /// file is created exclusively (a stale one from a crash is removed first), the fallback
 /// opens with O_NOFOLLOW.
 pub fn write(state_dir: &Path, state: &DrainState) -> std::io::Result<()> {
-    let tmp = format!(".{STATE_FILE}.tmp");
-    let json = serde_json::to_vec_pretty(state).unwrap_or_default();
+    write_json(
+        state_dir,
+        STATE_FILE,
+        &serde_json::to_vec_pretty(state).unwrap_or_default(),
+    )
+}
+
+fn write_json(state_dir: &Path, name: &str, json: &[u8]) -> std::io::Result<()> {
+    let tmp = format!(".{name}.tmp");
     let dir = PrivateDir::open(state_dir).map_err(|e: DirError| std::io::Error::other(e))?;
     let atomic = (|| -> std::io::Result<()> {
         dir.remove(&tmp)?;
         let mut f = dir.create_new(&tmp)?;
-        f.write_all(&json)?;
-        dir.rename(&tmp, STATE_FILE)
+        f.write_all(json)?;
+        dir.rename(&tmp, name)
     })();
     atomic.or_else(|e| {
         let _ = dir.remove(&tmp);
-        let mut f = dir.open_write(STATE_FILE)?;
-        f.write_all(&json)
+        let mut f = dir.open_write(name)?;
+        f.write_all(json)
             .and_then(|()| f.set_len(json.len() as u64))
             .map_err(|_| e)
     })

@@ -50,6 +50,9 @@ pub struct Metrics {
     retries: Counter,
     failures: Family<Labels, Counter>,
     duration: Histogram,
+    claims_held: Gauge,
+    claim_waits: Counter,
+    builds_saved: Counter,
 }
 
 impl Metrics {
@@ -71,6 +74,9 @@ impl Metrics {
             failures: Family::default(),
             // 10 ms to about 11 minutes.
             duration: Histogram::new(exponential_buckets(0.01, 2.0, 17)),
+            claims_held: Gauge::default(),
+            claim_waits: Counter::default(),
+            builds_saved: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +122,21 @@ impl Metrics {
             Unit::Seconds,
             m.duration.clone(),
         );
+        registry.register(
+            "claims_held",
+            "Paths this machine claims to build, for the others to wait on",
+            m.claims_held.clone(),
+        );
+        registry.register(
+            "claim_waits",
+            "Questions of this machine's Nix held while another machine built the path",
+            m.claim_waits.clone(),
+        );
+        registry.register(
+            "builds_saved",
+            "Waits that ended with the path built elsewhere, substituted instead of built",
+            m.builds_saved.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -139,6 +160,16 @@ impl Metrics {
         let down =
             crate::drain_state::read(state_dir).is_some_and(|s| s.cache_down_since.is_some());
         self.cache_up.set(i64::from(!down));
+        if let Some(claims) = crate::drain_state::read_claims(state_dir) {
+            self.claims_held.set(claims.held.len() as i64);
+            // Counted by the claims; the counters catch up to what they published.
+            for (counter, value) in [
+                (&self.claim_waits, claims.waits),
+                (&self.builds_saved, claims.builds_saved),
+            ] {
+                counter.inc_by(value.saturating_sub(counter.get()));
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

@@ -36,6 +36,8 @@ pub struct Status {
     pub cache_down_since: Option<u64>,
     /// What the cache or this machine needs someone to do before queued paths can go.
     pub needs_attention: Option<String>,
+    /// The daemon's build claims, while it runs with them on.
+    pub claims: Option<crate::drain_state::ClaimsState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +119,7 @@ pub fn collect(cfg: &Config) -> anyhow::Result<Status> {
             .as_ref()
             .filter(|_| running)
             .and_then(|s| s.needs_attention.clone()),
+        claims: crate::drain_state::read_claims(&cfg.state_dir).filter(|_| running),
     })
 }
 
@@ -167,6 +170,22 @@ pub fn print(cfg: &Config, json: bool) -> anyhow::Result<()> {
             "attention:    queued paths wait for a fix: {}",
             printable(a)
         );
+    }
+    if let Some(c) = &s.claims {
+        println!(
+            "claims:       as {}: building {}, waiting for {}; {} of {} waits ended with the path built elsewhere",
+            printable(&c.machine),
+            count(c.held.len() as u64, "claimed path", "claimed paths"),
+            count(c.waiting.len() as u64, "path", "paths"),
+            c.builds_saved,
+            c.waits
+        );
+        for h in &c.held {
+            println!("  building {}", printable(h));
+        }
+        for h in &c.waiting {
+            println!("  waiting for {}", printable(h));
+        }
     }
     if let Some(e) = &s.last_error {
         match s.last_error_at {

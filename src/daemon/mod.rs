@@ -169,7 +169,11 @@ pub async fn run_daemon(cfg: Config, metrics: Arc<Metrics>) -> anyhow::Result<()
                     },
                 ));
                 let store = drainer.pipeline().store().clone();
-                tokio::spawn(claims.clone().run(store, serving.clone()));
+                tokio::spawn(
+                    claims
+                        .clone()
+                        .run(store, cfg.state_dir.clone(), serving.clone()),
+                );
                 drainer.set_claims(claims.clone());
                 tracing::info!(
                     "build claims on, as machine {}: a path another machine builds is waited for",

@@ -48,6 +48,7 @@ struct Machine {
     outside: PathBuf,
     inside: PathBuf,
     port: u16,
+    metrics_port: u16,
     public: String,
     /// The keys its Nix trusts: both machines'.
     trusted: Vec<String>,
@@ -80,6 +81,7 @@ impl Machine {
             outside,
             inside,
             port: free_port(),
+            metrics_port: free_port(),
             public,
             trusted: Vec::new(),
             daemon: None,
@@ -125,7 +127,8 @@ impl Machine {
         fs::write(
             self.outside.join("narpost.toml"),
             format!(
-                "cache = \"{cache}\"\nsecret-key-file = \"{key}\"\nsubstituter-listen = \"127.0.0.1:{port}\"\nmachine = \"{name}\"\nclaim-timeout = {CLAIM_TIMEOUT}\ngc-roots-dir = \"{roots}\"\n",
+                "cache = \"{cache}\"\nsecret-key-file = \"{key}\"\nsubstituter-listen = \"127.0.0.1:{port}\"\nmachine = \"{name}\"\nclaim-timeout = {CLAIM_TIMEOUT}\ngc-roots-dir = \"{roots}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n",
+                metrics = self.metrics_port,
                 key = self.inside.join(format!("{}-1.sec", self.name)).display(),
                 port = self.port,
                 name = self.name,
@@ -159,6 +162,30 @@ impl Machine {
 
     fn log(&self) -> String {
         fs::read_to_string(self.outside.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// What `narpost status --json` says of the claims on this machine.
+    fn claims(&self) -> serde_json::Value {
+        let out = run(self
+            .command(&narpost_bin().to_string_lossy(), &[])
+            .args(["status", "--json"]));
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+        status["claims"].clone()
+    }
+
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .expect("connect to /metrics");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("ask for /metrics");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
     }
 
     fn kill_daemon(&mut self) {
@@ -326,6 +353,15 @@ fn started_3_s_apart_b_is_built_once_and_the_second_machine_substitutes_everythi
     let first = fleet.host.build(&expr, "c");
     std::thread::sleep(Duration::from_secs(3));
     let second = fleet.peer.build(&expr, "c");
+    // While b builds on the first machine, the second waits for it, and both say so.
+    std::thread::sleep(Duration::from_secs(2));
+    let (held, waiting) = (fleet.host.claims(), fleet.peer.claims());
+    assert_eq!(held["machine"], "host", "{held}");
+    // The second asks about c first, which the first holds (with b; a may be uploaded).
+    let waited = waiting["waiting"].as_array().cloned().unwrap_or_default();
+    assert_eq!(waited.len(), 1, "{waiting}");
+    let holds = held["held"].as_array().cloned().unwrap_or_default();
+    assert!(holds.contains(&waited[0]), "{held} {waiting}");
     let (s1, out1, t1) = finish(first, "the first machine's build", &fleet);
     let (s2, out2, t2) = finish(second, "the second machine's build", &fleet);
     assert!(s1.success() && s2.success(), "{}", fleet.logs());
@@ -347,6 +383,17 @@ fn started_3_s_apart_b_is_built_once_and_the_second_machine_substitutes_everythi
         fleet.peer.log().contains("substituting it"),
         "{}",
         fleet.logs()
+    );
+    // Published within a watch period of the wait's end.
+    wait_until(
+        "the saved build in the metrics",
+        Duration::from_secs(5),
+        || {
+            fleet
+                .peer
+                .metrics()
+                .contains("narpost_builds_saved_total 1")
+        },
     );
 }
 
