@@ -21,22 +21,21 @@
 //!
 //! # Deciding, and why no two machines wait on each other
 //!
-//! Asked about a path the cache lacks, a machine lists the path's claims and:
+//! Asked about a path the cache lacks, a machine writes its own claim (starting a session
+//! if it holds none), **then** lists the path's claims, and:
 //!
-//! 1. if a claim's key is smaller than its own (its session's, or "now" if it holds none),
-//!    it waits on the smallest such claim;
-//! 2. otherwise it writes its own claim, **lists again**, and waits on the smallest claim
-//!    smaller than its own if there is one now (withdrawing its own), or else answers
-//!    "not in the cache", and its Nix builds the path.
+//! 1. if a claim's key is smaller than its own, it withdraws its claim and waits on the
+//!    smallest such claim;
+//! 2. otherwise it answers "not in the cache", and its Nix builds the path.
 //!
 //! A machine waits only on a smaller key than its own. A wait cycle would need A waiting on
 //! B (B < A) and B on A (A < B): impossible in a total order, whatever the paths and
 //! whatever each machine has seen. A machine that finds a path claimed by a younger
 //! session claims it too and builds it: a duplicate build, the price of never deadlocking.
-//! Two machines asking at once both write before either lists for the decision, so at
-//! least the later sees both and picks the same smallest key; should the earlier have
-//! listed before the later wrote, it builds, and the later one waits on it (or, when a
-//! skewed clock made it look older, builds too). Clock skew only decides who counts as
+//! Two machines asking at once both write before either lists, so at least the later sees
+//! both and picks the same smallest key; should the earlier have listed before the later's
+//! write landed, it builds, and the later one waits on it (or, when its session began
+//! first but its write landed last, builds too). Clock skew only decides who counts as
 //! older; nothing compares a remote time with a local one.
 //!
 //! # Waiting
@@ -245,14 +244,14 @@ impl Claims {
         }
     }
 
+    /// Claims first and lists after: of two machines asking at once, both have written
+    /// before either lists, so at least the later one sees both claims (see the module
+    /// doc); and a miss nobody else builds costs one write and one listing.
     async fn decide(
         &self,
         hash: &str,
         ignore: &HashSet<(String, u64)>,
     ) -> Result<Decision, TargetError> {
-        if let Some(older) = older_than(&self.others(hash, ignore).await?, &self.my_key()) {
-            return Ok(Decision::Wait(older));
-        }
         self.claim(hash).await?;
         if let Some(older) = older_than(&self.others(hash, ignore).await?, &self.my_key()) {
             self.withdraw(hash).await;

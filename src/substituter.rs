@@ -26,7 +26,7 @@
 //!   methods.
 //!
 //! Only loopback addresses make sense to listen on (it serves whatever the cache holds to
-//! whoever connects); a request's head must arrive within a few seconds and in 8 KiB, and
+//! whoever connects); a request's head must arrive within a few seconds with few headers, and
 //! past [`MAX_CONNECTIONS`] the oldest connection is closed.
 
 use std::convert::Infallible;
@@ -46,8 +46,8 @@ use crate::claims::{Answer, Claims};
 
 /// How long a client may take to send a request's head.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// The smallest read buffer hyper allows; a request's head must fit.
-const MAX_REQUEST_BYTES: usize = 8192;
+/// Headers a request may carry (curl sends a handful).
+const MAX_HEADERS: usize = 32;
 /// Connections served at once (Nix opens up to `http-connections`, 25 by default).
 const MAX_CONNECTIONS: usize = 64;
 /// A narinfo larger than this is not one.
@@ -103,10 +103,12 @@ pub async fn serve(
                     let (target, claims) = (target.clone(), claims.clone());
                     async move { Ok::<_, Infallible>(respond(req, target, claims, max_log_size).await) }
                 });
+                // No small buffer limit here, unlike /metrics: it bounds the writes too,
+                // and a NAR would go out a few KiB per write.
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(REQUEST_DEADLINE)
-                    .max_buf_size(MAX_REQUEST_BYTES)
+                    .max_headers(MAX_HEADERS)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
             });
