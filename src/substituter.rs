@@ -53,6 +53,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// A narinfo larger than this is not one.
 const MAX_NARINFO: usize = 1 << 20;
 
+/// Where `narpost setup --substituter` and the NixOS module put the local substituter.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
+
 /// What `nix-cache-info` says.
 pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
 

@@ -1,14 +1,14 @@
 //! The edit of `narpost.toml`, a pure function from the old text to the new one.
 //!
-//! Setup owns three keys of the file, `cache`, `secret-key-file` and `token-file`, and sets
-//! only those it was given; whatever else is there (the admin's `jobs`, comments, a
+//! Setup owns four keys of the file, `cache`, `secret-key-file`, `token-file` and
+//! `substituter-listen`, and sets only those it was given; whatever else is there (the admin's `jobs`, comments, a
 //! `basic-auth-file`) stays byte for byte. Every key of narpost's config file is a top-level
 //! one-line value, so a key is replaced by replacing its line; the result is parsed back,
 //! and an old line this cannot replace cleanly (a value spread over several lines) is
 //! reported rather than guessed at.
 
 /// What a new file starts with.
-pub const HEADER: &str = "# Written by `narpost setup`, which sets cache, secret-key-file and token-file here\n# and leaves every other line alone. Other settings: see the README's Configuration section.\n";
+pub const HEADER: &str = "# Written by `narpost setup`, which sets cache, secret-key-file, token-file and\n# substituter-listen here and leaves every other line alone. Other settings: see the\n# README's Configuration section.\n";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EditError {

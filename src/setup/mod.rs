@@ -15,6 +15,10 @@
 //! - Paths given (`--key`, `--token-file`) and paths written into files are as the machine
 //!   sees them: with `--root DIR` they are read below DIR, and written without it, so the
 //!   result is a working image.
+//! - `--substituter` writes `substituter-listen` into the config and adds the local
+//!   substituter as `extra-substituters` (after the admin's own, which keep their place;
+//!   its `Priority: 30` has Nix ask it before cache.nixos.org). `--undo` takes that line out
+//!   with the hook's.
 //! - `--undo` keeps `/etc/narpost` (config and keys), the queue and the cache: the config
 //!   does nothing once the binaries, hook line and unit are gone, it may hold settings of
 //!   the admin's own, and a later `setup` picks it up again as it was.
@@ -66,9 +70,16 @@ pub struct SetupArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// Serve the cache to this machine's Nix through the daemon (substituter-listen =
+    /// 127.0.0.1:37515, and that URL in nix.conf's extra-substituters): Nix reads the cache
+    /// with narpost's credentials, and waits for a path another machine is building instead
+    /// of building it too.
+    #[arg(long)]
+    pub substituter: bool,
+
     /// Take the hook line, the unit and the installed binaries out again; keeps the config,
     /// the keys, the queue and the cache.
-    #[arg(long, conflicts_with_all = ["cache", "key", "key_name", "token_file", "force"])]
+    #[arg(long, conflicts_with_all = ["cache", "key", "key_name", "token_file", "force", "substituter"])]
     pub undo: bool,
 }
 
@@ -337,6 +348,7 @@ fn request(args: &SetupArgs, obs: &Observed) -> anyhow::Result<Request> {
         cache,
         token_file,
         force: args.force,
+        substituter: args.substituter,
     })
 }
 

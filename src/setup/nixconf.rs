@@ -6,7 +6,8 @@
 //! read another file at that point. A line Nix would reject (`name=value`) sets nothing here
 //! either: fixing it is the admin's business, and Nix already says where it is.
 //!
-//! Only lines that set `post-build-hook` are ever touched; every other byte stays. What is
+//! Only lines that set `post-build-hook` are ever touched (and, with `--substituter`, the one
+//! `extra-substituters` line setup adds for the local substituter); every other byte stays. What is
 //! added goes at the end (after every include, so it is what Nix ends up with), in the file's
 //! own line ending, after a comment line that says who added it. When the file did not end
 //! with a newline, neither does the added line, so that taking it out again restores the file
@@ -210,6 +211,64 @@ pub fn remove_hook(text: &str, hook: &str) -> Removed {
     }
 }
 
+/// Adds the setting `name = value` at the end, under a [`MARK`] line, unless a line sets
+/// exactly that already (`None`). Taken out again by [`remove_line`], byte for byte.
+pub fn add_line(text: &str, name: &str, value: &str) -> Option<String> {
+    let set = lines(text).any(|l| {
+        matches!(parse_line(l), Line::Setting { name: ref n, value: ref v } if n == name && v == value)
+    });
+    if set {
+        return None;
+    }
+    let eol = line_ending(text);
+    let mut out = text.to_string();
+    let ends_open = !out.is_empty() && !out.ends_with('\n');
+    if ends_open {
+        out.push_str(eol);
+    }
+    out.push_str(MARK);
+    out.push_str(eol);
+    out.push_str(&format!("{name} = {value}"));
+    if !ends_open {
+        out.push_str(eol);
+    }
+    Some(out)
+}
+
+/// Takes out the lines setting exactly `name = value` that have the [`MARK`] line above
+/// them, with that line: what [`add_line`] added, and nothing the admin wrote. `None` when
+/// there is none.
+pub fn remove_line(text: &str, name: &str, value: &str) -> Option<String> {
+    let all: Vec<&str> = lines(text).collect();
+    let ours = |line: &str| matches!(parse_line(line), Line::Setting { name: ref n, value: ref v } if n == name && v == value);
+    let mut drop = vec![false; all.len()];
+    for i in 1..all.len() {
+        if ours(all[i]) && all[i - 1].trim_end_matches(['\r', '\n']) == MARK {
+            drop[i] = true;
+            drop[i - 1] = true;
+        }
+    }
+    if !drop.contains(&true) {
+        return None;
+    }
+    let dropped_last = drop.last() == Some(&true);
+    let mut keep: Vec<String> = all
+        .iter()
+        .zip(&drop)
+        .filter(|(_, d)| !**d)
+        .map(|(l, _)| l.to_string())
+        .collect();
+    // The added line had no line ending when the file had none: give that back too.
+    if dropped_last
+        && !text.ends_with('\n')
+        && let Some(last) = keep.last_mut()
+    {
+        let trimmed = last.trim_end_matches('\n').trim_end_matches('\r').len();
+        last.truncate(trimmed);
+    }
+    Some(keep.concat())
+}
+
 /// Whether the text names `hook` at all (on any line setting `post-build-hook`).
 pub fn names_hook(text: &str, hook: &str) -> bool {
     lines(text).any(|l| {
@@ -223,6 +282,38 @@ pub fn names_hook(text: &str, hook: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_marked_line_goes_in_once_and_comes_out_byte_for_byte() {
+        let (name, value) = ("extra-substituters", "http://127.0.0.1:37515");
+        for original in [
+            "",
+            "sandbox = false",
+            "sandbox = false\n",
+            "a = b\r\nc = d\r\n",
+            "extra-substituters = https://other\n# mine\n",
+        ] {
+            let added = add_line(original, name, value).expect("added");
+            assert!(
+                added.ends_with(&format!(
+                    "{MARK}{}{name} = {value}{}",
+                    line_ending(original),
+                    if original.is_empty() || original.ends_with('\n') {
+                        line_ending(original)
+                    } else {
+                        ""
+                    }
+                )),
+                "{added:?}"
+            );
+            assert_eq!(add_line(&added, name, value), None, "once: {added:?}");
+            assert_eq!(remove_line(&added, name, value).as_deref(), Some(original));
+        }
+        // A line the admin wrote, without the mark, is theirs: never taken out.
+        let theirs = format!("{name} = {value}\n");
+        assert_eq!(add_line(&theirs, name, value), None);
+        assert_eq!(remove_line(&theirs, name, value), None);
+    }
 
     const HOOK: &str = "/usr/local/bin/narpost-hook";
 

@@ -149,6 +149,16 @@ pub struct Request {
     pub key: KeyPlan,
     pub token_file: Option<PathBuf>,
     pub force: bool,
+    /// Serve the cache to this machine's Nix (`--substituter`).
+    pub substituter: bool,
+}
+
+/// The nix.conf setting `--substituter` adds, and `--undo` takes out.
+pub const SUBSTITUTERS: &str = "extra-substituters";
+
+/// The local substituter's URL.
+pub fn substituter_url() -> String {
+    format!("http://{}", crate::substituter::DEFAULT_LISTEN)
 }
 
 /// Why setup changes nothing at all.
@@ -211,7 +221,7 @@ pub fn drop_in_text(cache: &str) -> Option<String> {
 pub fn plan_setup(obs: &Observed, req: &Request) -> Result<Vec<Step>, Refusal> {
     let mut steps = Vec::new();
     // nix.conf first, though it is applied last: a refusal must come before anything changes.
-    let nix_conf_step = nix_conf_setup(obs, req.force)?;
+    let nix_conf_step = nix_conf_setup(obs, req.force, req.substituter)?;
 
     for (state, from, to) in [
         (obs.narpost_bin, &obs.narpost_exe, NARPOST),
@@ -244,6 +254,12 @@ pub fn plan_setup(obs: &Observed, req: &Request) -> Result<Vec<Step>, Refusal> {
     ];
     if let Some(t) = &req.token_file {
         settings.push(("token-file", t.display().to_string()));
+    }
+    if req.substituter {
+        settings.push((
+            "substituter-listen",
+            crate::substituter::DEFAULT_LISTEN.to_string(),
+        ));
     }
     let config = config_file::set_strings(obs.config.as_deref(), &settings).map_err(|e| {
         Refusal::Config {
@@ -312,7 +328,33 @@ pub fn plan_setup(obs: &Observed, req: &Request) -> Result<Vec<Step>, Refusal> {
     Ok(steps)
 }
 
-fn nix_conf_setup(obs: &Observed, force: bool) -> Result<Option<Step>, Refusal> {
+fn nix_conf_setup(obs: &Observed, force: bool, substituter: bool) -> Result<Option<Step>, Refusal> {
+    let hook = nix_conf_hook(obs, force)?;
+    if !substituter {
+        return Ok(hook);
+    }
+    let (text, what) = match &hook {
+        Some(Step::Write { text, what, .. }) => (text.clone(), what.clone()),
+        _ => (obs.nix_conf.clone().unwrap_or_default(), String::new()),
+    };
+    let url = substituter_url();
+    let Some(text) = nixconf::add_line(&text, SUBSTITUTERS, &url) else {
+        return Ok(hook);
+    };
+    let added = format!("add {SUBSTITUTERS} = {url}");
+    Ok(Some(Step::Write {
+        path: obs.host(NIX_CONF),
+        text,
+        mode: 0o644,
+        what: if what.is_empty() {
+            added
+        } else {
+            format!("{what}; {added}")
+        },
+    }))
+}
+
+fn nix_conf_hook(obs: &Observed, force: bool) -> Result<Option<Step>, Refusal> {
     let path = obs.host(NIX_CONF);
     if let Some((file, hook)) = obs.included_hooks.iter().find(|(_, h)| h != HOOK)
         && !force
@@ -387,16 +429,28 @@ pub fn plan_undo(obs: &Observed) -> Vec<Step> {
     let mut nix_conf_changed = false;
     if let Some(text) = &obs.nix_conf {
         let removed = nixconf::remove_hook(text, HOOK);
-        if let Some(new) = removed.text {
-            let mut what = format!("take out post-build-hook = {HOOK}");
+        let mut what = Vec::new();
+        if removed.text.is_some() {
+            what.push(format!("take out post-build-hook = {HOOK}"));
             for line in &removed.restored {
-                what.push_str(&format!("; restore `{line}`"));
+                what.push(format!("restore `{line}`"));
             }
+        }
+        let after_hook = removed.text.unwrap_or_else(|| text.clone());
+        let url = substituter_url();
+        let new = match nixconf::remove_line(&after_hook, SUBSTITUTERS, &url) {
+            Some(new) => {
+                what.push(format!("take out {SUBSTITUTERS} = {url}"));
+                new
+            }
+            None => after_hook,
+        };
+        if !what.is_empty() {
             steps.push(Step::Write {
                 path: obs.host(NIX_CONF),
                 text: new,
                 mode: 0o644,
-                what,
+                what: what.join("; "),
             });
             nix_conf_changed = true;
         }
@@ -491,6 +545,7 @@ mod tests {
 
     fn request(cache: &str) -> Request {
         Request {
+            substituter: false,
             cache: cache.into(),
             key: KeyPlan::Generate {
                 name: "host-1".into(),

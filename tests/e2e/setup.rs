@@ -225,6 +225,53 @@ fn a_fresh_root_is_set_up_a_second_run_changes_nothing_and_undo_takes_it_out() {
 }
 
 #[test]
+fn substituter_adds_the_local_substituter_for_nix_and_undo_takes_it_out_again() {
+    let root = new_root(Some(INSTALLER_CONF));
+    let r = root.path();
+    let args = [
+        "--cache",
+        "file:///srv/cache",
+        "--key-name",
+        "test-setup-1",
+        "--substituter",
+    ];
+    let printed = ok(setup(r, &args));
+    assert!(printed.contains("extra-substituters"), "{printed}");
+    let config = fs::read_to_string(r.join("etc/narpost/narpost.toml")).unwrap();
+    assert!(
+        config.contains("substituter-listen = \"127.0.0.1:37515\""),
+        "{config}"
+    );
+    let nix_conf = fs::read_to_string(r.join("etc/nix/nix.conf")).unwrap();
+    assert!(
+        nix_conf.ends_with(&format!(
+            "{}\nextra-substituters = http://127.0.0.1:37515",
+            narpost::setup::nixconf::MARK
+        )),
+        "{nix_conf:?}"
+    );
+    // Nix itself reads it: the local substituter is one of its substituters.
+    let conf_dir = tempfile::tempdir().unwrap();
+    fs::write(conf_dir.path().join("nix.conf"), &nix_conf).unwrap();
+    let nix_sees = nix_show_config(conf_dir.path());
+    assert!(
+        nix_sees["substituters"].contains("http://127.0.0.1:37515"),
+        "{}",
+        nix_sees["substituters"]
+    );
+    // Once is enough.
+    let before = snapshot(r);
+    ok(setup(r, &args));
+    assert_eq!(snapshot(r), before);
+
+    ok(setup(r, &["--undo"]));
+    assert_eq!(
+        fs::read_to_string(r.join("etc/nix/nix.conf")).unwrap(),
+        INSTALLER_CONF
+    );
+}
+
+#[test]
 fn a_foreign_hook_is_refused_untouched_force_replaces_it_and_undo_restores_it() {
     let original = "sandbox = true\npost-build-hook = /etc/nix/upload.sh\n";
     let root = new_root(Some(original));
