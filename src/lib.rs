@@ -16,6 +16,7 @@
 //! - [`queue`]: the durable on-disk queue of paths waiting for upload.
 //! - [`drain_state`]: what the drainer publishes for `status`, the metrics and the watchers.
 //! - [`private_dir`]: the state directory and its files, refused when someone else could steer writes to them.
+//! - [`accept`]: the accept loop of the small HTTP servers, with a bound on connections.
 //! - [`claims`]: building once across machines: build claims in the cache, and waiting on another machine's.
 //! - [`substituter`]: the daemon's local substituter: serves the cache to this machine's Nix.
 //! - [`hook`]: the `post-build-hook`: records built paths in the queue; never fails a build.
@@ -30,6 +31,7 @@
 //! - [`progress`]: turns pipeline events into progress bars or plain lines.
 //! - [`cli`]: the command line; [`cli_docs`]: its completions and man pages; [`app`]: wiring configuration into a pipeline; [`error`]: how errors are printed.
 
+pub mod accept;
 pub mod app;
 pub mod buildlog;
 pub mod cache;

@@ -226,52 +226,20 @@ pub async fn serve(
         .with_context(|| format!("metrics-listen = {addr}: cannot listen"))?;
     tracing::info!("serving metrics at http://{addr}/metrics");
     let state_dir: Arc<Path> = Arc::from(cfg.state_dir.as_path());
-    tokio::spawn(async move {
-        // Every connection is accepted at once: a scrape must get through even while
-        // clients that never finish their request hold every place. At the bound, the
-        // oldest connection goes; a real scrape is over in milliseconds, so the oldest is
-        // one that stalls.
-        let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
-            std::collections::VecDeque::new();
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::debug!("metrics: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            open.retain(|c| !c.is_finished());
-            while open.len() >= MAX_CONNECTIONS {
-                if let Some(oldest) = open.pop_front() {
-                    oldest.abort();
-                }
-            }
-            let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
-            let task = tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(respond(req, state_dir, metrics).await)
-                    }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(REQUEST_DEADLINE)
-                    .max_buf_size(MAX_REQUEST_BYTES)
-                    .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+    crate::accept::spawn(listener, MAX_CONNECTIONS, "metrics", stop, move |stream| {
+        let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (state_dir, metrics) = (state_dir.clone(), metrics.clone());
+                async move { Ok::<_, std::convert::Infallible>(respond(req, state_dir, metrics).await) }
             });
-            open.push_back(task.abort_handle());
-        }
-        for connection in open {
-            connection.abort();
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_DEADLINE)
+                .max_buf_size(MAX_REQUEST_BYTES)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
         }
     });
     Ok(())

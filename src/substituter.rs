@@ -77,50 +77,30 @@ pub async fn serve(
         "serving {} to this machine's Nix at http://{addr}",
         target.url()
     );
-    tokio::spawn(async move {
-        let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
-            std::collections::VecDeque::new();
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::debug!("substituter: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+    crate::accept::spawn(
+        listener,
+        MAX_CONNECTIONS,
+        "substituter",
+        stop,
+        move |stream| {
             let _ = stream.set_nodelay(true);
-            open.retain(|c| !c.is_finished());
-            while open.len() >= MAX_CONNECTIONS {
-                if let Some(oldest) = open.pop_front() {
-                    oldest.abort();
-                }
-            }
             let (target, claims) = (target.clone(), claims.clone());
-            let task = tokio::spawn(async move {
+            async move {
                 let service = hyper::service::service_fn(move |req| {
                     let (target, claims) = (target.clone(), claims.clone());
                     async move { Ok::<_, Infallible>(respond(req, target, claims, max_log_size).await) }
                 });
-                // No small buffer limit here, unlike /metrics: it bounds the writes too,
-                // and a NAR would go out a few KiB per write.
+                // No small buffer limit here, unlike /metrics: it bounds the writes too, and a
+                // NAR would go out a few KiB per write.
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(REQUEST_DEADLINE)
                     .max_headers(MAX_HEADERS)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
-            });
-            open.push_back(task.abort_handle());
-        }
-        for connection in open {
-            connection.abort();
-        }
-    });
+            }
+        },
+    );
     Ok(())
 }
 
