@@ -46,9 +46,14 @@ impl<W: Write> FramedZstd<W> {
     /// `expected_len`: the uncompressed size, if known (0 if not).
     pub fn new(inner: W, level: i32, expected_len: u64) -> io::Result<Self> {
         ACTIVE.fetch_add(1, Ordering::SeqCst);
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        // Asked once: the answer reads cgroup files, which costs a tiny path more than its
+        // compression.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores = *CORES.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
         let mut this = FramedZstd {
             encoder: None,
             level,

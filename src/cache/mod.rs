@@ -198,9 +198,10 @@ pub trait Target: Send + Sync {
     }
 
     /// Hands the narinfo over for storing, returning once it is on its way; what it returns
-    /// finishes when the narinfo is stored. Only targets with
-    /// [`Target::ordered_commits`] have a reason to return before the commit: the default
-    /// stores it first.
+    /// finishes when the narinfo is stored, and the pipeline holds no upload slot while it
+    /// waits for that. Targets with [`Target::ordered_commits`] return before the commit,
+    /// and so does one whose commit ends in a wait that costs nothing (file://, whose
+    /// commits wait for a shared sync); the default stores it first.
     async fn hand_over_narinfo(
         &self,
         narinfo: &NarInfo,

@@ -320,9 +320,22 @@ impl Pipeline {
                 }
             }
         } else {
-            let _upload_permit = upload_permit;
-            self.retry(&what, || self.target.put_narinfo(&narinfo, &prepared))
-                .await
+            // A commit that ends in waiting (file://'s commit rounds) gives the slot back
+            // while it waits, so the next paths reach the same round.
+            let mut first_permit = Some(upload_permit);
+            self.retry(&what, || {
+                let held = first_permit.take();
+                async {
+                    let permit = match held {
+                        Some(p) => p,
+                        None => uploads.acquire(run).await,
+                    };
+                    let committing = self.target.hand_over_narinfo(&narinfo, &prepared).await?;
+                    drop(permit);
+                    committing.await
+                }
+            })
+            .await
         };
         if let Err(e) = committed {
             return PathResult::Failed(target_failure(&path, e));

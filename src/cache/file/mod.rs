@@ -10,47 +10,42 @@
 //!
 //! # Crash safety
 //!
-//! Two promises: no file ever appears under its real name with partial contents, and no
-//! narinfo is ever visible (after a crash too) whose NAR is not durable. So every file is
-//! written under a temporary name (a dot name no reader asks for) in the directory it is
-//! going to, its data synced, and then renamed into place; a rename is atomic, so readers
-//! see the old state or the whole new file. The compressed NARs are spooled into `nar/`
-//! itself. Temporaries beside their destination, not in a directory of their own, keep
-//! every rename within one directory: a rename between two directories takes the
-//! filesystem's rename lock and both directories' locks, and a thousand tiny paths spent
-//! most of their time waiting on those (and on the one temporary directory every file
-//! was created in).
+//! Two promises: no file ever appears under a name a reader asks for with partial contents,
+//! and no narinfo is ever visible (after a crash too) whose NAR is not durable. So every
+//! file is written under a temporary name (a dot name no reader asks for) in the directory
+//! it is going to, and renamed into place; a rename is atomic, so readers see the old state
+//! or the whole new file. The compressed NARs are spooled into `nar/` itself. Temporaries
+//! beside their destination, not in a directory of their own, keep every rename within one
+//! directory: a rename between two directories takes the filesystem's rename lock and both
+//! directories' locks, and a thousand tiny paths spent most of their time waiting on those.
+//!
+//! A NAR is renamed into place before its bytes are synced. Readers find NARs only through
+//! narinfos, and its narinfo is renamed into place only after a sync that covers the NAR;
+//! so after a crash a NAR's name may hold bytes that never reached the disk, but nothing
+//! points at it. Its name is the hash of its bytes, so `put_nar` trusts a NAR it finds only
+//! once it has hashed it, and replaces one that does not match.
 //!
 //! # Which syncs, and why no more
 //!
-//! A `fdatasync` costs about a millisecond here, and `nix copy` itself syncs nothing, so
-//! syncing naively (file, directory, file, directory: four per path, one after the other)
-//! would make a thousand tiny paths several times slower than Nix. What is needed per path:
+//! `nix copy` itself syncs nothing. On a journaling filesystem each `fsync` is a journal
+//! commit of about a millisecond, so syncing each path's files and directories (four per
+//! path) made a thousand tiny paths several times slower than Nix. Instead, narinfos are
+//! committed in rounds ([`fs_sync`]): one thread writes every narinfo handed in since the
+//! last round to a temporary file, makes everything durable with one `syncfs` (those files,
+//! the NARs behind them, and the round before's renames), reports the round before done and
+//! renames this round's narinfos into place. The pipeline gives its upload slot back while
+//! a narinfo waits for its round ([`Target::hand_over_narinfo`]), so under load a round
+//! covers many paths and a sync costs each next to nothing; one path alone costs two syncs,
+//! the minimum for a commit that must be durable before it is reported.
 //!
-//! 1. `put_nar`: `fdatasync` the spooled NAR, then rename it into `nar/`. Needed so the name
-//!    never points at missing data. The `nar/` directory is *not* synced here.
-//! 2. `put_narinfo`: sync `nar/` (so the NAR's directory entry is durable), write the
-//!    narinfo to a temporary file and `fdatasync` it, rename it into place, sync the cache
-//!    directory (so the narinfo itself is durable when we report success and the queue
-//!    forgets the path).
-//!
-//! The two directory syncs are *group commits* ([`DirSync`]): a directory sync covers every
-//! rename that finished before it started, so a caller whose rename is already covered by a
-//! sync that finished, or that was waited for, returns without syncing again. The pipeline
-//! runs `put_narinfo` outside its worker slots, so under load many narinfos wait on one
-//! directory sync, and the directory cost per path approaches zero; with a single path
-//! at a time it degrades to one sync each, which is the minimum for that path. The two file
-//! syncs cannot be shared (a sync names one file), but they run on blocking threads in
-//! parallel across paths, where the filesystem merges their journal commits. `syncfs` would
-//! cover everything with one call but also flushes unrelated dirty data on the same
-//! filesystem (a build writing gigabytes into the store), so it is not used.
-//!
-//! A NAR that already exists with the right size is not replaced: its name is its content
-//! hash, and replacing it would swap a durable file that some narinfo may already point to
-//! for a new one. It is synced once more instead (free when it is already on disk), because
-//! it may come from a writer that never syncs, such as `nix copy`.
+//! `syncfs` also writes out whatever else is dirty on that filesystem (a build writing
+//! gigabytes into the store). So rounds run only while the machine has little dirty data;
+//! otherwise each narinfo is committed alone: sync its NAR, the `nar/` directory (a group
+//! commit, [`DirSync`], shared by every rename before it) and its own temporary file, rename
+//! it, sync the cache directory (again a group commit).
 
 mod dir_sync;
+mod fs_sync;
 #[cfg(test)]
 pub(super) mod tests;
 
@@ -66,12 +61,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
+use super::{Committing, NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
 use crate::format::cache_info::CacheInfo;
+use crate::format::hash::{Sha256, Sha256Hasher};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 use dir_sync::{DirSync, sync_dir};
+use fs_sync::FsSync;
 
 /// Name of the private directory for spooled NARs and temporary files.
 /// Where earlier versions kept their temporaries; stale ones there are still removed.
@@ -105,15 +102,36 @@ struct Inner {
     nar_dir: DirSync,
     /// Group commit for renames into the cache root (narinfos).
     root_dir: DirSync,
+    /// Group commit of the whole filesystem, used instead of the file and directory syncs
+    /// while it may be.
+    fs: FsSync,
     /// Makes temporary names unique within this process.
     tmp_counter: AtomicU64,
 }
 
 impl FileTarget {
     pub fn new(dir: PathBuf, compression_level: i32) -> FileTarget {
+        let fs = FsSync::new(&dir);
+        Self::with_fs_sync(dir, compression_level, fs)
+    }
+
+    /// As if the machine had `dirty` bytes of dirty page cache, whatever it has.
+    #[cfg(test)]
+    pub(crate) fn with_dirty_probe(dir: PathBuf, compression_level: i32, dirty: u64) -> Self {
+        let probe = if dirty == 0 {
+            || Some(0)
+        } else {
+            || Some(fs_sync::DIRTY_LIMIT + 1)
+        };
+        let fs = FsSync::with_dirty(&dir, probe);
+        Self::with_fs_sync(dir, compression_level, fs)
+    }
+
+    fn with_fs_sync(dir: PathBuf, compression_level: i32, fs: FsSync) -> FileTarget {
         let inner = Arc::new(Inner {
             nar_dir: DirSync::new(dir.join("nar")),
             root_dir: DirSync::new(dir.clone()),
+            fs,
             tmp_counter: AtomicU64::new(0),
             dir: dir.clone(),
         });
@@ -166,16 +184,52 @@ impl Target for FileTarget {
         };
         let key = spooled.cache_key();
         let spool = spooled.file.clone();
-        let size = spooled.file_size;
+        let (size, hash) = (spooled.file_size, spooled.file_hash);
         let inner = self.inner.clone();
-        blocking(move || inner.put_nar(&spool, &key, size).map(|()| key)).await
+        blocking(move || inner.put_nar(&spool, &key, size, hash).map(|()| key)).await
     }
 
-    async fn put_narinfo(&self, narinfo: &NarInfo, _nar: &PreparedNar) -> Result<(), TargetError> {
+    async fn put_narinfo(&self, narinfo: &NarInfo, nar: &PreparedNar) -> Result<(), TargetError> {
+        self.hand_over_narinfo(narinfo, nar).await?.await
+    }
+
+    async fn hand_over_narinfo(
+        &self,
+        narinfo: &NarInfo,
+        _nar: &PreparedNar,
+    ) -> Result<Committing, TargetError> {
         let name = format!("{}.narinfo", narinfo.store_path.hash_part());
         let text = narinfo.to_string();
-        let inner = self.inner.clone();
-        blocking(move || inner.put_narinfo(&name, text.as_bytes())).await
+        let nar_key = super::object_key(&narinfo.url)?.to_owned();
+        let dest = self.dir.join(&name);
+        let tmp = self.inner.tmp_name(&self.dir, &name);
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let commit = fs_sync::Commit {
+            tmp,
+            dest,
+            text: text.into_bytes(),
+            done,
+        };
+        match self.inner.fs.submit(commit) {
+            Ok(()) => {
+                let inner = self.inner.clone();
+                let url = self.url();
+                Ok(Box::pin(async move {
+                    match finished.await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err((path, e))) => Err(inner.io_err(e, "cannot commit", &path)),
+                        Err(_) => Err(TargetError::transient(format!(
+                            "{url}: the commit thread ended"
+                        ))),
+                    }
+                }))
+            }
+            Err(commit) => {
+                let inner = self.inner.clone();
+                blocking(move || inner.commit_alone(&commit, &nar_key)).await?;
+                Ok(Box::pin(async { Ok(()) }))
+            }
+        }
     }
 
     fn stores_logs(&self) -> bool {
@@ -397,15 +451,17 @@ impl Inner {
         Ok(missing)
     }
 
-    fn put_nar(&self, spool: &Path, key: &str, size: u64) -> Result<(), TargetError> {
+    fn put_nar(&self, spool: &Path, key: &str, size: u64, hash: Sha256) -> Result<(), TargetError> {
         let dest = self.dir.join(key);
+        // Its name is its content hash, but after a crash a name may hold bytes that never
+        // reached the disk (see the module doc): trusted only once its bytes are checked.
+        // Replacing it instead would swap a durable file that some narinfo may point to for
+        // one that is not durable yet.
         if let Ok(meta) = fs::metadata(&dest)
             && meta.is_file()
             && meta.len() == size
+            && file_sha256(&dest).map_err(|e| self.io_err(e, "cannot read", &dest))? == hash
         {
-            File::open(&dest)
-                .and_then(|f| f.sync_data())
-                .map_err(|e| self.io_err(e, "cannot sync", &dest))?;
             self.nar_dir.note_rename();
             return Ok(());
         }
@@ -423,8 +479,7 @@ impl Inner {
             )));
         }
         file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
-            .and_then(|()| file.sync_data())
-            .map_err(|e| self.io_err(e, "cannot sync spooled NAR", spool))?;
+            .map_err(|e| self.io_err(e, "cannot set the mode of spooled NAR", spool))?;
         drop(file);
 
         match fs::rename(spool, &dest) {
@@ -434,7 +489,7 @@ impl Inner {
                 // copy it into ours first, so the final step is still an atomic rename.
                 let mut src = File::open(spool)
                     .map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
-                self.write_atomically_with(key, |out| io::copy(&mut src, out).map(|_| ()))?;
+                self.write_atomically_with(key, false, |out| io::copy(&mut src, out).map(|_| ()))?;
             }
             Err(e) => return Err(self.io_err(e, "cannot store", &dest)),
         }
@@ -442,29 +497,46 @@ impl Inner {
         Ok(())
     }
 
-    fn put_narinfo(&self, name: &str, text: &[u8]) -> Result<(), TargetError> {
-        // Everything renamed into nar/ so far, this narinfo's NAR included, becomes durable
-        // before the narinfo can be seen.
-        let ticket = self.nar_dir.current();
-        self.nar_dir
-            .sync_through(ticket)
-            .map_err(|e| self.io_err(e, "cannot sync directory", &self.nar_dir.dir))?;
-        self.write_atomically(name, text)?;
-        let ticket = self.root_dir.note_rename();
+    /// Commits a narinfo syncing the files behind it one by one: the way when the
+    /// filesystem is not to be synced whole.
+    fn commit_alone(&self, commit: &fs_sync::Commit, nar_key: &str) -> Result<(), TargetError> {
+        let (tmp, dest) = (&commit.tmp, &commit.dest);
+        self.write_temp_at(tmp, dest, true, |out| out.write_all(&commit.text))?;
+        let committed = (|| {
+            // The NAR's bytes and name and the narinfo's own bytes become durable before
+            // the narinfo can be seen.
+            let nar = self.dir.join(nar_key);
+            File::open(&nar)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| self.io_err(e, "cannot sync", &nar))?;
+            let ticket = self.nar_dir.current();
+            self.nar_dir
+                .sync_through(ticket)
+                .map_err(|e| self.io_err(e, "cannot sync directory", &self.nar_dir.dir))?;
+            fs::rename(tmp, dest).map_err(|e| self.io_err(e, "cannot write", dest))
+        })();
+        if committed.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        committed?;
+        // Durable before success is reported and the queue forgets the path.
+        let renamed = self.root_dir.note_rename();
         self.root_dir
-            .sync_through(ticket)
+            .sync_through(renamed)
             .map_err(|e| self.io_err(e, "cannot sync directory", &self.dir))
     }
 
     fn write_atomically(&self, key: &str, bytes: &[u8]) -> Result<(), TargetError> {
-        self.write_atomically_with(key, |out| out.write_all(bytes))
+        self.write_atomically_with(key, true, |out| out.write_all(bytes))
     }
 
-    /// Writes `key` (relative to the cache root) through a synced temporary file and a rename.
-    /// Syncing the directory that holds `key` is the caller's business.
+    /// Writes `key` (relative to the cache root) through a temporary file (its data synced
+    /// when `sync` is set) and a rename. Syncing the directory that holds `key` is the
+    /// caller's business.
     fn write_atomically_with(
         &self,
         key: &str,
+        sync: bool,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<(), TargetError> {
         let dest = self.dir.join(key);
@@ -472,26 +544,61 @@ impl Inner {
             Some((sub, base)) => (self.dir.join(sub), base),
             None => (self.dir.clone(), key),
         };
-        let tmp = parent.join(format!(
+        let tmp = self.write_temp(&parent, base, sync, fill)?;
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.io_err(e, "cannot write", &dest));
+        }
+        Ok(())
+    }
+
+    /// A new temporary file in `parent` for `base`, filled; its name.
+    fn write_temp(
+        &self,
+        parent: &Path,
+        base: &str,
+        sync: bool,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<PathBuf, TargetError> {
+        let tmp = self.tmp_name(parent, base);
+        self.write_temp_at(&tmp, &parent.join(base), sync, fill)?;
+        Ok(tmp)
+    }
+
+    /// A name for a temporary file in `parent` that will become `base`, unique in this
+    /// process.
+    fn tmp_name(&self, parent: &Path, base: &str) -> PathBuf {
+        parent.join(format!(
             "{TMP_PREFIX}{base}.{}-{}.tmp",
             std::process::id(),
             self.tmp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
+        ))
+    }
+
+    /// Creates `tmp` (to become `dest`) and fills it.
+    fn write_temp_at(
+        &self,
+        tmp: &Path,
+        dest: &Path,
+        sync: bool,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<(), TargetError> {
         let result = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(FILE_MODE)
-                .open(&tmp)?;
+                .open(tmp)?;
             file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
             fill(&mut file)?;
-            file.sync_data()?;
-            drop(file);
-            fs::rename(&tmp, &dest)
+            if sync {
+                file.sync_data()?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(self.io_err(e, "cannot write", &dest));
+            let _ = fs::remove_file(tmp);
+            return Err(self.io_err(e, "cannot write", dest));
         }
         Ok(())
     }
@@ -533,6 +640,21 @@ impl Inner {
                 format!("{dir} changed under narpost; check that nothing else removes files there"),
             ),
             _ => TargetError::permanent(message),
+        }
+    }
+}
+
+/// The sha256 of a file's bytes.
+fn file_sha256(path: &Path) -> io::Result<Sha256> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256Hasher::new();
+    let mut buf = vec![0; 256 << 10];
+    loop {
+        match io::Read::read(&mut file, &mut buf) {
+            Ok(0) => return Ok(hasher.finalize()),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }

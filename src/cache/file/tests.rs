@@ -211,6 +211,13 @@ async fn put_nar_keeps_an_existing_nar() {
     let third = spooled(&target.spool_dir().unwrap(), "c", b"same bytes");
     target.put_nar(&third).await.unwrap();
     assert_eq!(fs::read(root.path().join(&key)).unwrap(), b"same bytes");
+
+    // So is one of the right size whose bytes never reached the disk before a crash (a
+    // NAR is renamed into place before it is synced): its name is not its hash.
+    fs::write(root.path().join(&key), [0u8; 10]).unwrap();
+    let fourth = spooled(&target.spool_dir().unwrap(), "d", b"same bytes");
+    target.put_nar(&fourth).await.unwrap();
+    assert_eq!(fs::read(root.path().join(&key)).unwrap(), b"same bytes");
 }
 
 #[tokio::test]
@@ -275,8 +282,15 @@ async fn put_nar_refuses_raw_nars() {
 
 #[tokio::test]
 async fn narinfo_commit_and_missing() {
+    // In commit rounds (a quiet machine) and alone (much else dirty): the same outcome.
+    for dirty in [0, fs_sync::DIRTY_LIMIT + 1] {
+        narinfo_commit_and_missing_with(dirty).await;
+    }
+}
+
+async fn narinfo_commit_and_missing_with(dirty: u64) {
     let root = tempfile::tempdir().unwrap();
-    let target = FileTarget::new(root.path().to_path_buf(), 3);
+    let target = FileTarget::with_dirty_probe(root.path().to_path_buf(), 3, dirty);
     target.open().await.unwrap();
     let a = spooled(&target.spool_dir().unwrap(), "a", b"aaa");
     let b = path_info("b");
@@ -305,6 +319,20 @@ async fn narinfo_commit_and_missing() {
     );
     assert!(tmp_entries(root.path()).is_empty());
     assert!(target.missing(&[]).await.unwrap().is_empty());
+    let rounds = target.inner.fs.syncs.load(Ordering::Relaxed);
+    let alone = target.inner.root_dir.syncs.load(Ordering::Relaxed);
+    if dirty == 0 {
+        assert!(
+            rounds >= 2 && alone == 1,
+            "{rounds} rounds, {alone} root syncs"
+        );
+    } else {
+        // The one root sync before is `open`'s, for nix-cache-info.
+        assert!(
+            rounds == 0 && alone == 2,
+            "{rounds} rounds, {alone} root syncs"
+        );
+    }
 }
 
 #[tokio::test]
@@ -314,7 +342,7 @@ async fn a_failed_write_leaves_nothing_behind() {
     target.open().await.unwrap();
     let err = target
         .inner
-        .write_atomically_with("x.narinfo", |out| {
+        .write_atomically_with("x.narinfo", true, |out| {
             out.write_all(b"half a narinfo")?;
             Err(io::Error::from_raw_os_error(
                 rustix::io::Errno::NOSPC.raw_os_error(),
