@@ -53,8 +53,11 @@ pub(super) struct Commit {
     pub(super) tmp: PathBuf,
     pub(super) dest: PathBuf,
     pub(super) text: Vec<u8>,
-    pub(super) done: oneshot::Sender<Result<(), (PathBuf, io::Error)>>,
+    pub(super) done: oneshot::Sender<Outcome>,
 }
+
+/// How a commit ended: done, or the file that failed and why.
+pub(super) type Outcome = Result<(), (PathBuf, io::Error)>;
 
 pub(super) struct FsSync {
     dir: PathBuf,
@@ -215,10 +218,7 @@ mod tests {
         assert!(machine_dirty_bytes().is_some());
     }
 
-    fn commit(
-        dir: &Path,
-        name: &str,
-    ) -> (Commit, oneshot::Receiver<Result<(), (PathBuf, io::Error)>>) {
+    fn commit(dir: &Path, name: &str) -> (Commit, oneshot::Receiver<Outcome>) {
         let (done, rx) = oneshot::channel();
         let c = Commit {
             tmp: dir.join(format!(".tmp-{name}")),
