@@ -17,7 +17,8 @@ Rows (every command at zstd level 3, every cache a fresh file:// directory, medi
                 - narpost push            (ssh://root@127.0.0.1?remote-store=...)
                 - nix copy --to ssh://    (the same URL; it signs nothing, narpost signs)
   tiny paths    1,000 store paths of one small file each
-                - narpost push, nix copy
+                - narpost push, nix copy  (each run's cache on a fresh ext4 of its own, on a
+                                           loop device: see alternating())
                 - over ssh: narpost push, nix copy --to ssh:// (as for the big closure), on
                   loopback and through benches/delay-proxy (--ssh-delay-ms each way, 5 by
                   default: a host 10 ms away; this kernel has no netem)
@@ -267,10 +268,13 @@ def main():
                                                args.ssh_delay_ms):
                         rows.append((far, name, t, m, size))
         if not args.skip_tiny and not args.ssh_only:
-            # Taking turns: creating files costs more right after many were deleted (each
-            # run's cache is), so neither command may always follow the other.
+            # Each run's cache on an ext4 of its own, made for the run (with a journal, as
+            # mkfs makes it): on a filesystem where thousands of files were just deleted
+            # (every earlier run's cache), ext4 skips the recently freed inodes one by one
+            # on each creation, and that, not either command, was most of the time. Taking
+            # turns all the same.
             cmds = {"narpost push": narpost_cmd(tiny, ["--no-closure"]), "nix copy": nix_copy_cmd(tiny)}
-            for name, (t, m) in alternating(args.runs, cmds, scratch).items():
+            for name, (t, m) in alternating(args.runs, cmds, scratch, fresh_fs=True).items():
                 rows.append((group, name, t, m, size))
             for name, make in cmds.items():
                 syncs.append((name, sync_count(make, scratch) / len(tiny)))
@@ -295,15 +299,28 @@ def main():
             print(f"  {name:<14} {per_path:.2f}")
 
 
-def alternating(runs, cmds, scratch):
+def alternating(runs, cmds, scratch, fresh_fs=False):
     """Runs each of `cmds` (name -> make_cmd) once per round, in turn; returns name ->
-    (median s, peak RSS)."""
+    (median s, peak RSS). With `fresh_fs`, each run's cache is the root of a new ext4 on a
+    loop device (made and removed outside the timing)."""
     results = {name: ([], []) for name in cmds}
     for _ in range(runs):
         for name, make_cmd in cmds.items():
             dest = tempfile.mkdtemp(prefix="dest-", dir=scratch)
-            argv, shell = make_cmd(dest)
-            t, m = timed(argv, shell)
+            image = dest + ".img"
+            if fresh_fs:
+                with open(image, "wb") as f:
+                    f.truncate(1 << 30)
+                sh(["mkfs.ext4", "-q", "-F", image], capture_output=True)
+                sh(["mount", "-o", "loop", image, dest], capture_output=True)
+                os.sync()
+            try:
+                argv, shell = make_cmd(os.path.join(dest, "cache") if fresh_fs else dest)
+                t, m = timed(argv, shell)
+            finally:
+                if fresh_fs:
+                    sh(["umount", dest], capture_output=True)
+                    os.remove(image)
             results[name][0].append(t)
             results[name][1].append(m)
             shutil.rmtree(dest, ignore_errors=True)

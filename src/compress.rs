@@ -32,14 +32,30 @@ const JOB_SIZE: u32 = 1 << 20;
 
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
+/// Up to this much input (by the NAR's recorded size, and in fact), a NAR is compressed in
+/// one call on a context the thread keeps: setting up a fresh zstd context costs a tiny
+/// path more than compressing it.
+pub const SMALL_MAX: u64 = 1 << 20;
+
 /// A zstd writer producing one frame per [`FRAME_BYTES`] of input.
 pub struct FramedZstd<W: Write> {
-    encoder: Option<zstd::Encoder<'static, W>>,
+    state: State<W>,
     level: i32,
     /// Input bytes still expected (from the NAR size), to skip workers for small tails.
     remaining: u64,
     in_frame: u64,
     cores: usize,
+}
+
+enum State<W: Write> {
+    /// Input gathered for one call at the end (see [`SMALL_MAX`]).
+    Small {
+        inner: W,
+        input: Vec<u8>,
+    },
+    Streaming(zstd::Encoder<'static, W>),
+    /// After an error, or while switching.
+    Broken,
 }
 
 impl<W: Write> FramedZstd<W> {
@@ -55,13 +71,20 @@ impl<W: Write> FramedZstd<W> {
                 .unwrap_or(1)
         });
         let mut this = FramedZstd {
-            encoder: None,
+            state: State::Broken,
             level,
             remaining: expected_len,
             in_frame: 0,
             cores,
         };
-        this.encoder = Some(this.start_frame(inner)?);
+        this.state = if expected_len > 0 && expected_len <= SMALL_MAX {
+            State::Small {
+                inner,
+                input: Vec::with_capacity(expected_len as usize),
+            }
+        } else {
+            State::Streaming(this.start_frame(inner)?)
+        };
         Ok(this)
     }
 
@@ -72,19 +95,49 @@ impl<W: Write> FramedZstd<W> {
     }
 
     fn encoder(&mut self) -> io::Result<&mut zstd::Encoder<'static, W>> {
-        self.encoder
-            .as_mut()
-            .ok_or_else(|| io::Error::other("zstd writer used after an error"))
+        match &mut self.state {
+            State::Streaming(e) => Ok(e),
+            _ => Err(broken()),
+        }
     }
 
     /// Ends the last frame and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        let encoder = self
-            .encoder
-            .take()
-            .ok_or_else(|| io::Error::other("zstd writer used after an error"))?;
-        encoder.finish()
+        match std::mem::replace(&mut self.state, State::Broken) {
+            State::Small { mut inner, input } => {
+                inner.write_all(&compress_small(&input, self.level)?)?;
+                Ok(inner)
+            }
+            State::Streaming(encoder) => encoder.finish(),
+            State::Broken => Err(broken()),
+        }
     }
+}
+
+fn broken() -> io::Error {
+    io::Error::other("zstd writer used after an error")
+}
+
+/// One frame for `input`, on this thread's context for `level`. The bytes are the same on
+/// a fresh context: every call starts a new frame from the same parameters.
+fn compress_small(input: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    use std::cell::RefCell;
+    thread_local! {
+        static CONTEXT: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { RefCell::new(None) };
+    }
+    CONTEXT.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut c = zstd::bulk::Compressor::new(level)?;
+            c.include_checksum(false)?;
+            *slot = Some((level, c));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(input),
+            None => Err(broken()),
+        }
+    })
 }
 
 /// The encoder for the next frame, `remaining` bytes of input still expected (0: unknown)
@@ -118,14 +171,31 @@ fn frame_encoder<W: Write>(
 
 impl<W: Write> Write for FramedZstd<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let State::Small { input, .. } = &mut self.state {
+            if (input.len() + buf.len()) as u64 <= SMALL_MAX {
+                input.extend_from_slice(buf);
+                self.in_frame += buf.len() as u64;
+                self.remaining = self.remaining.saturating_sub(buf.len() as u64);
+                return Ok(buf.len());
+            }
+            // Larger than its recorded size said: streamed like any large NAR, from the
+            // start, so the bytes still depend on the input alone.
+            let State::Small { inner, input } = std::mem::replace(&mut self.state, State::Broken)
+            else {
+                return Err(broken());
+            };
+            let mut encoder = self.start_frame(inner)?;
+            encoder.write_all(&input)?;
+            self.state = State::Streaming(encoder);
+        }
         if self.in_frame >= FRAME_BYTES {
-            let encoder = self
-                .encoder
-                .take()
-                .ok_or_else(|| io::Error::other("zstd writer used after an error"))?;
+            let State::Streaming(encoder) = std::mem::replace(&mut self.state, State::Broken)
+            else {
+                return Err(broken());
+            };
             let inner = encoder.finish()?;
             self.in_frame = 0;
-            self.encoder = Some(self.start_frame(inner)?);
+            self.state = State::Streaming(self.start_frame(inner)?);
         }
         let room = (FRAME_BYTES - self.in_frame).min(buf.len() as u64) as usize;
         let n = self.encoder()?.write(&buf[..room])?;
@@ -135,7 +205,11 @@ impl<W: Write> Write for FramedZstd<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.encoder()?.flush()
+        match &mut self.state {
+            State::Small { inner, .. } => inner.flush(),
+            State::Streaming(e) => e.flush(),
+            State::Broken => Err(broken()),
+        }
     }
 }
 
@@ -217,6 +291,31 @@ mod tests {
                 data
             );
         }
+    }
+
+    #[test]
+    fn a_small_nar_compresses_to_the_same_bytes_on_a_used_context_and_a_fresh_one() {
+        let a = sample(300);
+        let b = sample(700 << 10);
+        let first = compress(&a, a.len() as u64);
+        assert_eq!(zstd::decode_all(&first[..]).expect("decode"), a);
+        let other = compress(&b, b.len() as u64);
+        assert_eq!(zstd::decode_all(&other[..]).expect("decode"), b);
+        // The same thread's context again, after other input and another level.
+        let mut w = FramedZstd::new(Vec::new(), 9, a.len() as u64).expect("encoder");
+        w.write_all(&a).expect("write");
+        w.finish().expect("finish");
+        assert_eq!(compress(&a, a.len() as u64), first);
+        let fresh = std::thread::spawn(move || compress(&a, a.len() as u64));
+        assert_eq!(fresh.join().expect("thread"), first);
+    }
+
+    #[test]
+    fn a_nar_larger_than_recorded_is_streamed_and_round_trips() {
+        let data = sample((SMALL_MAX as usize) * 3 / 2);
+        let packed = compress(&data, 100);
+        assert_eq!(zstd::decode_all(&packed[..]).expect("decode"), data);
+        assert_eq!(compress(&data, 100), packed);
     }
 
     #[test]

@@ -79,9 +79,7 @@ pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
 fn dump_into<W: Write>(path: &Path, out: &mut W) -> Result<(), DumpError> {
     let meta = fs::symlink_metadata(path).map_err(io_err(path, "stat"))?;
     let root = nar::open(out).map_err(nar_err(path))?;
-    let mut walker = Walker {
-        buf: vec![0u8; READ_BUFFER],
-    };
+    let mut walker = Walker { buf: Vec::new() };
     walker.node(path, &meta, root)
 }
 
@@ -101,7 +99,9 @@ fn nar_err(path: &Path) -> impl FnOnce(NarError) -> DumpError + '_ {
 }
 
 struct Walker {
-    /// The one buffer every file's contents pass through.
+    /// The one buffer every file's contents pass through: as large as the largest file so
+    /// far, up to [`READ_BUFFER`], since zeroing the whole of it cost a tiny path more than
+    /// reading it.
     buf: Vec<u8>,
 }
 
@@ -121,6 +121,10 @@ impl Walker {
             // Nix keeps only the owner-executable bit.
             let executable = meta.permissions().mode() & 0o100 != 0;
             let mut file = File::open(path).map_err(io_err(path, "open"))?;
+            let want = usize::try_from(meta.len()).map_or(READ_BUFFER, |n| n.min(READ_BUFFER));
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
             node.file_with_buffer(executable, meta.len(), &mut file, &mut self.buf)
                 .map_err(nar_err(path))
         } else if ft.is_dir() {

@@ -14,9 +14,15 @@
 //!   slots are shared by every run, and a free slot goes to the newest run waiting for one,
 //!   so a build that ends during a long backlog goes ahead of the backlog's waiting paths.
 //!   When every worker slot is held by older runs, the newest run may take one more: it
-//!   does not wait for a large NAR of the backlog to finish compressing. Spooled NARs are
-//!   bounded by `jobs + 1` worker slots and the upload slots together, whatever the number
-//!   of runs.
+//!   does not wait for a large NAR of the backlog to finish compressing.
+//! - **Small paths in slots of their own**: a path whose NAR is at most
+//!   [`SMALL_MAX`](crate::compress::SMALL_MAX) (1 MiB) is prepared in one of
+//!   [`SMALL_PER_JOB`] small slots per job instead. Preparing it is a few file operations
+//!   and microseconds of compression, mostly waiting on the filesystem, so `jobs` of them
+//!   left the cores idle; four per job cost at most 4 MiB of spool each.
+//!
+//! Spooled NARs are bounded by `jobs + 1` worker slots, the small slots (of at most 1 MiB
+//! each) and the upload slots together, whatever the number of runs.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +32,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{oneshot, watch};
 
 use crate::format::store_path::StorePath;
+
+/// Small slots per job (see the module doc).
+pub const SMALL_PER_JOB: usize = 4;
+
+/// How many paths of at most [`SMALL_MAX`](crate::compress::SMALL_MAX) are prepared at once.
+pub fn small_slots(jobs: usize) -> usize {
+    jobs.max(1) * SMALL_PER_JOB
+}
 
 /// How far a path in flight has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +59,8 @@ type InFlight = HashMap<StorePath, (u64, watch::Receiver<Option<Outcome>>)>;
 pub(super) struct Book {
     in_flight: Mutex<InFlight>,
     pub workers: Slots,
+    /// For small paths (see the module doc).
+    pub small_workers: Slots,
     pub uploads: Slots,
     runs: AtomicU64,
 }
@@ -62,6 +78,7 @@ impl Book {
         Book {
             in_flight: Mutex::new(HashMap::new()),
             workers: Slots::new(jobs.max(1), true),
+            small_workers: Slots::new(small_slots(jobs), true),
             uploads: Slots::new(upload_slots.max(1), false),
             runs: AtomicU64::new(0),
         }

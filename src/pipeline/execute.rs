@@ -197,8 +197,13 @@ impl Pipeline {
             }
         }
 
+        let slots = if info.nar_size <= crate::compress::SMALL_MAX {
+            &self.book.small_workers
+        } else {
+            workers
+        };
         let permit = tokio::select! {
-            p = workers.acquire(run) => p,
+            p = slots.acquire(run) => p,
             _ = cancel.cancelled() => return PathResult::Skipped(path),
         };
         if cancel.is_cancelled() {

@@ -4,18 +4,18 @@
 //! (it batches as it likes) which paths it is missing, and counts what is already cached,
 //! before a single byte is uploaded. Execution then runs one task per missing path:
 //!
-//! 1. wait for a worker slot (`jobs` of them; tasks ask in dependency order, and the
-//!    semaphore is fair, so references get their slots first);
+//! 1. wait for a worker slot (`jobs` of them, and four small slots per job for paths of
+//!    at most 1 MiB of NAR; tasks ask in dependency order, and the slots are fair, so
+//!    references get their slots first);
 //! 2. prepare the NAR as the target wants it ([`NarFormat`](crate::cache::NarFormat)): for plain caches, serialize the
 //!    path from disk, hash it, compress it with zstd and hash the compressed bytes, all on a
 //!    blocking thread into a spool file; a NarHash or NarSize that differs from the store's
 //!    record stops the path here, before anything leaves the machine;
 //! 3. take an upload slot and give the worker slot back, then store the NAR. Storing is
 //!    bound by fsync or network latency, not CPU, so [`upload_slots`] of them (more than
-//!    `jobs`) keep many small paths moving while the cores compress the next ones, and a
-//!    file cache shares one directory fsync among all renames in flight. Spooled NARs
-//!    waiting for upload are bounded by the two slot counts together (plus one worker slot
-//!    for a newer run, below);
+//!    `jobs`) keep many small paths moving while the cores compress the next ones. Spooled
+//!    NARs waiting for upload are bounded by the slot counts together (plus one worker
+//!    slot for a newer run, below);
 //! 4. wait until every reference that was missing has its narinfo in the cache, or, for a
 //!    target that declares [`ordered_commits`](crate::cache::Target::ordered_commits),
 //!    until each was handed over to it;
@@ -51,6 +51,7 @@
 //! - `logs`: the build log of a pushed path, uploaded after its narinfo.
 
 mod book;
+pub use book::small_slots;
 mod execute;
 mod logs;
 mod plan;

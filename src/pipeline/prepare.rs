@@ -80,7 +80,8 @@ pub fn spool_zstd(info: &PathInfo, dir: &Path, level: i32) -> Result<SpooledNar,
         .suffix(".nar.zst")
         .tempfile_in(dir)
         .map_err(spool_err)?;
-    let file = tmp.reopen().map_err(spool_err)?;
+    // A second handle on the same open file, not a second open by name.
+    let file = tmp.as_file().try_clone().map_err(spool_err)?;
 
     let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
     let encoder = FramedZstd::new(compressed, level, info.nar_size).map_err(spool_err)?;

@@ -1291,9 +1291,11 @@ fn a_reference_in_flight_is_uploaded_once_and_the_spool_stays_within_its_bound()
     assert!(problems.is_empty(), "{problems:?}");
     cache.assert_complete();
 
-    // Spooled NARs: those prepared (`jobs` worker slots, one more for the newest run) and
-    // those uploading; a NAR that went up leaves the spool while its path waits.
-    let bound = JOBS + 1 + narpost::pipeline::upload_slots(JOBS);
+    // Spooled NARs: those prepared (`jobs` worker slots, one more for the newest run, and
+    // the small slots, as the leaves are small) and those uploading; a NAR that went up
+    // leaves the spool while its path waits.
+    let bound =
+        JOBS + 1 + narpost::pipeline::small_slots(JOBS) + narpost::pipeline::upload_slots(JOBS);
     assert!(most <= bound, "{most} NARs spooled at once, bound {bound}");
     assert!(
         most >= narpost::pipeline::upload_slots(JOBS),

@@ -466,10 +466,7 @@ impl Inner {
             return Ok(());
         }
 
-        let file =
-            File::open(spool).map_err(|e| self.io_err(e, "cannot open spooled NAR", spool))?;
-        let len = file
-            .metadata()
+        let len = fs::symlink_metadata(spool)
             .map_err(|e| self.io_err(e, "cannot stat spooled NAR", spool))?
             .len();
         if len != size {
@@ -478,9 +475,8 @@ impl Inner {
                 spool.display()
             )));
         }
-        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+        fs::set_permissions(spool, fs::Permissions::from_mode(FILE_MODE))
             .map_err(|e| self.io_err(e, "cannot set the mode of spooled NAR", spool))?;
-        drop(file);
 
         match fs::rename(spool, &dest) {
             Ok(()) => {}
