@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - [`text`]: text from elsewhere (a server's message, a file name) made safe to print.
+//! - [`priority`]: yielding the CPU and the disk to builds (sessions, autogroups, nice, I/O
+//!   class), and large compressions to newer small work; imports nothing of narpost's.
 //! - [`format`]: pure Nix formats (nixbase32, store paths, hashes, NAR writer, narinfo,
 //!   signing keys, `.drv` outputs); no filesystem, network or async.
 //! - [`buildlog`]: where Nix keeps build logs on this machine, and reading one for a cache.
@@ -24,7 +26,6 @@
 //! - [`watch`]: notices store paths that become valid.
 //! - [`failed_builds`]: uploads the build logs of failed builds for the watchers.
 //! - [`metrics`]: Prometheus metrics of the drainer, served at `/metrics`.
-//! - [`priority`]: yielding the CPU and the disk to builds (sessions, autogroups, nice, I/O class).
 //! - [`status`]: what `narpost status` reports.
 //! - [`check`]: `narpost check`: reads the cache back, says what is broken, repairs it from the store.
 //! - [`setup`]: `narpost setup`: wires a machine (binaries, nix.conf, config, unit), plan then apply.

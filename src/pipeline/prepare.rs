@@ -30,14 +30,23 @@ impl Pipeline {
                     .spool_dir()
                     .unwrap_or_else(|| self.opts.spool_dir.clone());
                 let info2 = info.clone();
-                let spooled = tokio::task::spawn_blocking(move || spool_zstd(&info2, &dir, level))
-                    .await
-                    .map_err(|e| PathFailure {
-                        path: info.path.clone(),
-                        kind: FailureKind::Unreadable,
-                        message: format!("{}: internal error: {e}", info.path.to_absolute()),
-                        hint: None,
-                    })??;
+                // A large NAR compresses behind newer, smaller work (a build that just ended
+                // goes ahead of a backlog's compression, whatever runs on the cores).
+                let large = info.nar_size > crate::compress::SMALL_MAX;
+                let spooled = tokio::task::spawn_blocking(move || {
+                    if large {
+                        crate::priority::behind_newer_work(|| spool_zstd(&info2, &dir, level))
+                    } else {
+                        spool_zstd(&info2, &dir, level)
+                    }
+                })
+                .await
+                .map_err(|e| PathFailure {
+                    path: info.path.clone(),
+                    kind: FailureKind::Unreadable,
+                    message: format!("{}: internal error: {e}", info.path.to_absolute()),
+                    hint: None,
+                })??;
                 Ok(PreparedNar {
                     info: info.clone(),
                     body: NarBody::Spooled(spooled),

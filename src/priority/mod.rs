@@ -56,6 +56,7 @@ mod supervisor;
 use std::io;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Deserialize;
 
@@ -98,6 +99,44 @@ struct Saved {
 }
 
 static SAVED: OnceLock<Saved> = OnceLock::new();
+
+/// Set by [`restore`]: from then on nothing of narpost's runs behind anything.
+static RESTORED: AtomicBool = AtomicBool::new(false);
+
+/// Runs `work` (blocking, CPU-bound: compressing a large NAR) behind this process's other
+/// threads: on a thread of its own at the scheduler's idle policy, whose helpers (zstd's
+/// workers) inherit it. All of narpost already yields to builds ([`enter`]); this orders
+/// narpost's own work, so the small path of a build that just ended is prepared at once
+/// instead of sharing the cores with a backlog's compression. Only while this process runs
+/// at idle priority and [`restore`] has not run: at normal priority, or draining on the way
+/// out, it would slow the drain. A thread of its own, because an unprivileged thread cannot
+/// leave the idle policy again, and the blocking pool's threads are reused.
+pub fn behind_newer_work<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    if SAVED.get().is_none() || RESTORED.load(Ordering::SeqCst) {
+        return work();
+    }
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            set_idle_policy();
+            work()
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The idle scheduling policy for the calling thread; logged, never fatal.
+fn set_idle_policy() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads the one sched_param we pass, for this thread (0).
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::debug!(
+            "cannot run behind newer work: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
 
 /// Puts this process at `priority` before any runtime or thread starts. For `idle`, it may
 /// fork (see the module documentation): then this call returns only in the worker, and the
@@ -164,11 +203,13 @@ pub fn restore() {
     {
         tracing::debug!("{AUTOGROUP}: cannot set nice {nice}: {e}");
     }
+    RESTORED.store(true, Ordering::SeqCst);
     // Twice: a thread started during the first pass by a thread not yet restored inherits
     // the low priority.
     for _ in 0..2 {
         for tid in threads() {
             set_thread(tid, saved.nice, saved.ioprio);
+            set_normal_policy(tid);
         }
     }
     tracing::debug!("back to normal priority for the rest of the drain");
@@ -239,6 +280,24 @@ fn set_thread(tid: rustix::process::Pid, nice: i32, ioprio: i32) {
     }
 }
 
+/// Takes a thread that runs behind newer work ([`behind_newer_work`]) back to the normal
+/// policy; needs `CAP_SYS_NICE`, and does nothing to a thread at the normal policy.
+fn set_normal_policy(tid: rustix::process::Pid) {
+    let tid = tid.as_raw_nonzero().get();
+    // SAFETY: sched_getscheduler takes a thread id and touches no memory of ours.
+    if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads the one sched_param we pass.
+    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+        tracing::debug!(
+            "thread {tid}: cannot leave the idle policy: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 fn ioprio_get() -> io::Result<i32> {
     // SAFETY: as for ioprio_set.
     let r = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
@@ -287,5 +346,30 @@ mod tests {
         assert_eq!("idle".parse::<Priority>(), Ok(Priority::Idle));
         assert_eq!("normal".parse::<Priority>(), Ok(Priority::Normal));
         assert!("low".parse::<Priority>().is_err());
+    }
+
+    #[test]
+    fn large_work_runs_behind_newer_work_only_while_lowered() {
+        // SAFETY: sched_getscheduler(0) asks about the calling thread.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        // Never lowered (no other test lowers this process): the work runs as it is.
+        assert_eq!(behind_newer_work(policy), libc::SCHED_OTHER);
+
+        // Lowered as `enter` does, to the values this process has now, so that `restore`
+        // below changes nothing else of the test process.
+        let _ = SAVED.set(Saved {
+            nice: rustix::process::getpriority_process(None).unwrap_or(0),
+            ioprio: ioprio_get().unwrap_or(0),
+            autogroup: None,
+        });
+        assert_eq!(behind_newer_work(policy), libc::SCHED_IDLE);
+        assert_eq!(
+            policy(),
+            libc::SCHED_OTHER,
+            "the caller itself stays as it was"
+        );
+
+        restore();
+        assert_eq!(behind_newer_work(policy), libc::SCHED_OTHER);
     }
 }
