@@ -833,3 +833,37 @@ async fn runs_at_once_upload_a_shared_reference_once_and_share_their_slots() {
         upload_slots(4)
     );
 }
+
+#[tokio::test]
+async fn a_commit_that_waits_gives_its_upload_slot_back_so_the_next_ones_join_it() {
+    // More independent paths than upload slots, each commit answered only once all of them
+    // are handed over (as file:// commit rounds gather narinfos for one sync). Holding the
+    // slot while waiting, at most `upload_slots` would ever be handed over, and every
+    // answer would wait out the channel's deadline instead.
+    let count = upload_slots(4) + 4;
+    let names: Vec<String> = (0..count).map(|i| format!("p{i}")).collect();
+    let graph: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &[][..])).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let channel = Arc::new(Channel {
+        ordered: false,
+        hold: count,
+        ..Default::default()
+    });
+    let p = pipeline(store(dir.path(), &graph), channel.clone(), dir.path());
+    let started = std::time::Instant::now();
+    let roots: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+    let report = push_names(&p, &roots).await.expect("push");
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(report.pushed.len(), count);
+    let handed = handed(&channel);
+    assert_eq!(handed.len(), count);
+    assert!(
+        handed.iter().all(|(_, answered)| *answered == 0),
+        "some commits were handed over only after answers: {handed:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
