@@ -214,7 +214,7 @@ impl Pipeline {
             nar_size: info.nar_size,
         });
 
-        let prepared = match self.prepare(info).await {
+        let (prepared, unsent) = match self.prepare(info).await {
             Ok(p) => p,
             Err(f) => return PathResult::Failed(f),
         };
@@ -253,7 +253,7 @@ impl Pipeline {
             }
         }
 
-        let narinfo = self.narinfo(&prepared, url);
+        let narinfo = NarInfo { url, ..unsent };
         let what = format!("uploading the narinfo of {}", path.to_absolute());
         let upload_permit = uploads.acquire(run).await;
         let committed = if ordered {
@@ -360,41 +360,6 @@ impl Pipeline {
             file_size,
             log: LogOutcome::NotUploaded,
         }
-    }
-
-    fn narinfo(&self, nar: &PreparedNar, url: String) -> NarInfo {
-        let info = &nar.info;
-        let (compression, file_hash, file_size) = match &nar.body {
-            NarBody::Spooled(s) => (s.compression, Some(s.file_hash), Some(s.file_size)),
-            NarBody::Raw(_) => ("none", None, None),
-        };
-        let mut narinfo = NarInfo {
-            store_path: info.path.clone(),
-            url,
-            compression: Some(compression.to_string()),
-            file_hash,
-            file_size,
-            nar_hash: info.nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.iter().cloned().collect(),
-            deriver: info.deriver.clone(),
-            system: None,
-            sigs: Vec::new(),
-            ca: info.ca.clone(),
-        };
-        // Signatures the store already holds (e.g. from the upstream cache) stay valid:
-        // they sign the same fingerprint.
-        let own = self.key.as_ref().map(|k| format!("{}:", k.name()));
-        narinfo.sigs = info
-            .sigs
-            .iter()
-            .filter(|s| own.as_deref().is_none_or(|o| !s.starts_with(o)))
-            .cloned()
-            .collect();
-        if let Some(key) = &self.key {
-            narinfo.sign(key);
-        }
-        narinfo
     }
 }
 

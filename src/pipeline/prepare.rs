@@ -11,19 +11,32 @@ use crate::compress::FramedZstd;
 use crate::dump::{self, DumpError, NarSource};
 use crate::format::hash::HashingWriter;
 use crate::format::nar::NarError;
+use crate::format::narinfo::NarInfo;
+use crate::format::signing::SigningKey;
 use crate::store::PathInfo;
 
 impl Pipeline {
-    pub(super) async fn prepare(&self, info: &PathInfo) -> Result<PreparedNar, PathFailure> {
+    /// The path as its target wants it, and its narinfo, signed, without its `URL`. Signing
+    /// is CPU work: for plain caches it is done on the blocking thread that prepares the
+    /// NAR, not on the thread that drives every path's upload.
+    pub(super) async fn prepare(
+        &self,
+        info: &PathInfo,
+    ) -> Result<(PreparedNar, NarInfo), PathFailure> {
+        let key = self.key.clone();
         match self.target.nar_format() {
-            NarFormat::Raw => Ok(PreparedNar {
-                info: info.clone(),
-                body: NarBody::Raw(NarSource {
-                    path: info.path.clone(),
-                    nar_hash: info.nar_hash,
-                    nar_size: info.nar_size,
-                }),
-            }),
+            NarFormat::Raw => {
+                let prepared = PreparedNar {
+                    info: info.clone(),
+                    body: NarBody::Raw(NarSource {
+                        path: info.path.clone(),
+                        nar_hash: info.nar_hash,
+                        nar_size: info.nar_size,
+                    }),
+                };
+                let narinfo = signed_narinfo(key.as_deref(), &prepared);
+                Ok((prepared, narinfo))
+            }
             NarFormat::Zstd { level } => {
                 let dir = self
                     .target
@@ -33,12 +46,18 @@ impl Pipeline {
                 // A large NAR compresses behind newer, smaller work (a build that just ended
                 // goes ahead of a backlog's compression, whatever runs on the cores).
                 let large = info.nar_size > crate::compress::SMALL_MAX;
-                let spooled = tokio::task::spawn_blocking(move || {
-                    if large {
+                tokio::task::spawn_blocking(move || {
+                    let spooled = if large {
                         crate::priority::behind_newer_work(|| spool_zstd(&info2, &dir, level))
                     } else {
                         spool_zstd(&info2, &dir, level)
-                    }
+                    }?;
+                    let prepared = PreparedNar {
+                        info: info2,
+                        body: NarBody::Spooled(spooled),
+                    };
+                    let narinfo = signed_narinfo(key.as_deref(), &prepared);
+                    Ok((prepared, narinfo))
                 })
                 .await
                 .map_err(|e| PathFailure {
@@ -46,14 +65,47 @@ impl Pipeline {
                     kind: FailureKind::Unreadable,
                     message: format!("{}: internal error: {e}", info.path.to_absolute()),
                     hint: None,
-                })??;
-                Ok(PreparedNar {
-                    info: info.clone(),
-                    body: NarBody::Spooled(spooled),
-                })
+                })?
             }
         }
     }
+}
+
+/// The narinfo of a prepared path, signed with `key`; its `URL` is the caller's to fill in
+/// once the NAR is stored (the signature does not cover it).
+fn signed_narinfo(key: Option<&SigningKey>, nar: &PreparedNar) -> NarInfo {
+    let info = &nar.info;
+    let (compression, file_hash, file_size) = match &nar.body {
+        NarBody::Spooled(s) => (s.compression, Some(s.file_hash), Some(s.file_size)),
+        NarBody::Raw(_) => ("none", None, None),
+    };
+    let mut narinfo = NarInfo {
+        store_path: info.path.clone(),
+        url: String::new(),
+        compression: Some(compression.to_string()),
+        file_hash,
+        file_size,
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references.iter().cloned().collect(),
+        deriver: info.deriver.clone(),
+        system: None,
+        sigs: Vec::new(),
+        ca: info.ca.clone(),
+    };
+    // Signatures the store already holds (e.g. from the upstream cache) stay valid:
+    // they sign the same fingerprint.
+    let own = key.map(|k| format!("{}:", k.name()));
+    narinfo.sigs = info
+        .sigs
+        .iter()
+        .filter(|s| own.as_deref().is_none_or(|o| !s.starts_with(o)))
+        .cloned()
+        .collect();
+    if let Some(key) = key {
+        narinfo.sign(key);
+    }
+    narinfo
 }
 
 /// Serializes, hashes and compresses one path into a spool file, checking the result
