@@ -142,14 +142,16 @@ fn run(root: &File, rx: &mpsc::Receiver<Commit>, syncs: &AtomicU64) {
         batch.extend(rx.try_iter());
         let batch: Vec<Commit> = batch
             .into_iter()
-            .filter_map(|c| match write_new(&c.tmp, &c.text) {
-                Ok(()) => Some(c),
-                Err(e) => {
-                    let _ = fs::remove_file(&c.tmp);
-                    let _ = c.done.send(Err((c.dest.clone(), e)));
-                    None
-                }
-            })
+            .filter_map(
+                |c| match write_new(&c.tmp, false, |f| f.write_all(&c.text)) {
+                    Ok(()) => Some(c),
+                    Err(e) => {
+                        let _ = fs::remove_file(&c.tmp);
+                        let _ = c.done.send(Err((c.dest.clone(), e)));
+                        None
+                    }
+                },
+            )
             .collect();
         let synced = rustix::fs::syncfs(root).map_err(io::Error::from);
         syncs.fetch_add(1, Ordering::Relaxed);
@@ -176,16 +178,28 @@ fn run(root: &File, rx: &mpsc::Receiver<Commit>, syncs: &AtomicU64) {
     }
 }
 
-/// A new file holding `bytes`, readable by everyone like the rest of the cache.
-fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Files are readable by everyone, like the ones Nix writes, so a web server can serve them.
+/// Set explicitly, not through a creation mode: the daemon's unit runs with UMask=0077.
+pub(super) const FILE_MODE: u32 = 0o644;
+
+/// Creates `path`, which must not exist, with [`FILE_MODE`], and fills it; its data synced
+/// when `sync` is set.
+pub(super) fn write_new(
+    path: &Path,
+    sync: bool,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(FILE_MODE)
         .open(path)?;
-    // The mode is set again: the daemon's unit runs with UMask=0077.
-    file.set_permissions(fs::Permissions::from_mode(0o644))?;
-    file.write_all(bytes)
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    fill(&mut file)?;
+    if sync {
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// `Dirty` plus `Writeback` from `/proc/meminfo`, in bytes.

@@ -50,9 +50,9 @@ mod fs_sync;
 pub(super) mod tests;
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,12 +63,12 @@ use bytes::Bytes;
 
 use super::{Committing, NarBody, NarFormat, ObjectStream, PreparedNar, Target, TargetError};
 use crate::format::cache_info::CacheInfo;
-use crate::format::hash::{Sha256, Sha256Hasher};
+use crate::format::hash::{HashingWriter, Sha256};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 use dir_sync::{DirSync, sync_dir};
-use fs_sync::FsSync;
+use fs_sync::{FILE_MODE, FsSync};
 
 /// Name of the private directory for spooled NARs and temporary files.
 /// Where earlier versions kept their temporaries; stale ones there are still removed.
@@ -81,10 +81,7 @@ const TMP_PREFIX: &str = ".narpost-";
 /// to a run still in progress.
 const STALE_TMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// Files are readable by everyone, like the ones Nix writes, so a web server can serve them.
-/// Set explicitly, not through a creation mode: the daemon's unit runs with UMask=0077.
-const FILE_MODE: u32 = 0o644;
-/// The same for the directories narpost creates (not the private temporary one).
+/// Directories narpost creates are readable by everyone too, like the files in them.
 const DIR_MODE: u32 = 0o755;
 
 pub struct FileTarget {
@@ -579,20 +576,7 @@ impl Inner {
         sync: bool,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<(), TargetError> {
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(tmp)?;
-            file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-            fill(&mut file)?;
-            if sync {
-                file.sync_data()?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
+        if let Err(e) = fs_sync::write_new(tmp, sync, fill) {
             let _ = fs::remove_file(tmp);
             return Err(self.io_err(e, "cannot write", dest));
         }
@@ -642,17 +626,9 @@ impl Inner {
 
 /// The sha256 of a file's bytes.
 fn file_sha256(path: &Path) -> io::Result<Sha256> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256Hasher::new();
-    let mut buf = vec![0; 256 << 10];
-    loop {
-        match io::Read::read(&mut file, &mut buf) {
-            Ok(0) => return Ok(hasher.finalize()),
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let mut hashing = HashingWriter::new(io::sink());
+    io::copy(&mut File::open(path)?, &mut hashing)?;
+    Ok(hashing.finish().1)
 }
 
 async fn blocking<T: Send + 'static>(
