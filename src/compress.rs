@@ -12,7 +12,8 @@
 //! The bytes depend only on the NAR and the level, never on how many compressions run at
 //! once: a frame of 4 MiB or more is always compressed in zstd's
 //! multithreaded mode (with one worker when the cores are taken), whose output is the same
-//! for any number of workers at a fixed job size; a smaller frame always in-thread. So any
+//! for any number of workers at a fixed job size; a smaller frame always in-thread, and a
+//! NAR of at most [`SMALL_MAX`] in one call on a context its thread keeps. So any
 //! number of machines pushing one closure into one bucket write the same objects under the
 //! same `FileHash` names, instead of one NAR file per way it happened to be compressed.
 
