@@ -38,6 +38,13 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// path more than compressing it.
 pub const SMALL_MAX: u64 = 1 << 20;
 
+/// Whether a NAR of `nar_size` bytes (as recorded) counts as small: prepared in the
+/// pipeline's small slots, never behind newer work, and (when its size is known) compressed
+/// in one call.
+pub fn is_small(nar_size: u64) -> bool {
+    nar_size <= SMALL_MAX
+}
+
 /// A zstd writer producing one frame per [`FRAME_BYTES`] of input.
 pub struct FramedZstd<W: Write> {
     state: State<W>,
@@ -78,7 +85,7 @@ impl<W: Write> FramedZstd<W> {
             in_frame: 0,
             cores,
         };
-        this.state = if expected_len > 0 && expected_len <= SMALL_MAX {
+        this.state = if expected_len > 0 && is_small(expected_len) {
             State::Small {
                 inner,
                 input: Vec::with_capacity(expected_len as usize),

@@ -197,7 +197,7 @@ impl Pipeline {
             }
         }
 
-        let slots = if info.nar_size <= crate::compress::SMALL_MAX {
+        let slots = if crate::compress::is_small(info.nar_size) {
             &self.book.small_workers
         } else {
             workers

@@ -45,7 +45,7 @@ impl Pipeline {
                 let info2 = info.clone();
                 // A large NAR compresses behind newer, smaller work (a build that just ended
                 // goes ahead of a backlog's compression, whatever runs on the cores).
-                let large = info.nar_size > crate::compress::SMALL_MAX;
+                let large = !crate::compress::is_small(info.nar_size);
                 tokio::task::spawn_blocking(move || {
                     let spooled = if large {
                         crate::priority::behind_newer_work(|| spool_zstd(&info2, &dir, level))

@@ -155,18 +155,20 @@ fn run(root: &File, rx: &mpsc::Receiver<Commit>, syncs: &AtomicU64) {
             .collect();
         let synced = rustix::fs::syncfs(root).map_err(io::Error::from);
         syncs.fetch_add(1, Ordering::Relaxed);
+        // Every commit this sync was for fails with it (an io::Error is not Clone).
+        let unsynced = |c: &Commit| {
+            synced
+                .as_ref()
+                .map_err(|e| (c.dest.clone(), io::Error::new(e.kind(), e.to_string())))
+                .copied()
+        };
         for c in renamed.drain(..) {
-            let result = match &synced {
-                Ok(()) => Ok(()),
-                Err(e) => Err((c.dest.clone(), io::Error::new(e.kind(), e.to_string()))),
-            };
+            let result = unsynced(&c);
             let _ = c.done.send(result);
         }
         for c in batch {
-            let result = match &synced {
-                Ok(()) => fs::rename(&c.tmp, &c.dest).map_err(|e| (c.dest.clone(), e)),
-                Err(e) => Err((c.dest.clone(), io::Error::new(e.kind(), e.to_string()))),
-            };
+            let result = unsynced(&c)
+                .and_then(|()| fs::rename(&c.tmp, &c.dest).map_err(|e| (c.dest.clone(), e)));
             match result {
                 Ok(()) => renamed.push(c),
                 Err(e) => {
