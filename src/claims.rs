@@ -19,6 +19,12 @@
 //! holds none, and lasts while it holds any), with its name as the tie-break. Every machine
 //! reads the same key from the object, so all order claims alike.
 //!
+//! The clock is read for a session's key only **after the claim that opens it has landed**
+//! in the cache: that claim is written first as `Pending`, carrying the time before the
+//! write (a lower bound of its key), and written again with its key before the machine
+//! lists anything. A machine that lists a pending claim which might be older than its own
+//! reads it again until it has its key (for at most [`PENDING_WAIT`]).
+//!
 //! # Deciding, and why no two machines wait on each other
 //!
 //! Asked about a path the cache lacks, a machine writes its own claim (starting a session
@@ -30,13 +36,18 @@
 //!
 //! A machine waits only on a smaller key than its own. A wait cycle would need A waiting on
 //! B (B < A) and B on A (A < B): impossible in a total order, whatever the paths and
-//! whatever each machine has seen. A machine that finds a path claimed by a younger
-//! session claims it too and builds it: a duplicate build, the price of never deadlocking.
-//! Two machines asking at once both write before either lists, so at least the later sees
-//! both and picks the same smallest key; should the earlier have listed before the later's
-//! write landed, it builds, and the later one waits on it (or, when its session began
-//! first but its write landed last, builds too). Clock skew only decides who counts as
-//! older; nothing compares a remote time with a local one.
+//! whatever each machine has seen.
+//!
+//! Two machines asking at once both write before either lists, so at least the later
+//! lister sees both claims and waits on the smaller key. The earlier lister, seeing only
+//! its own claim, builds; and when the other's session opened with this claim, the other
+//! has the larger key and waits: its claim landed after that listing, and its key was read
+//! after its claim landed, so later still (by one clock; across machines, unless their
+//! clocks disagree by more than the write took). Only a machine whose session is already
+//! under way (it holds other claims) can have the smaller key and yet land after the
+//! other's listing: then it finds the path claimed by a younger session, claims it too and
+//! builds it, a duplicate build, the price of never deadlocking. Nothing compares a remote
+//! time with a local one.
 //!
 //! # Waiting
 //!
@@ -90,6 +101,14 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// How long no claimed path may be building before the claims never built go.
 pub const NEVER_BUILT_GRACE: Duration = Duration::from_secs(10);
 
+/// The longest a pending claim (see the module doc) is read again for its key; a machine
+/// rewrites it at once, so one still pending after this has a stuck writer, and counts as
+/// old as it says.
+pub const PENDING_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a pending claim is read again.
+const PENDING_POLL: Duration = Duration::from_millis(20);
+
 /// A narinfo larger than this is not one.
 const MAX_NARINFO: usize = 1 << 20;
 
@@ -127,6 +146,8 @@ pub struct Claims {
     target: DynTarget,
     opts: ClaimOptions,
     own: Mutex<Own>,
+    /// Held while a session opens, so that a machine opens one at a time.
+    opening: tokio::sync::Mutex<()>,
     /// Where the build locks are.
     store_dir: PathBuf,
 }
@@ -155,6 +176,17 @@ struct Held {
     lock_seen: bool,
 }
 
+impl Held {
+    fn new() -> Held {
+        Held {
+            beat: 0,
+            since: Instant::now(),
+            path: None,
+            lock_seen: false,
+        }
+    }
+}
+
 pub use crate::drain_state::ClaimsState;
 
 fn now_ms() -> u64 {
@@ -170,6 +202,7 @@ impl Claims {
             target,
             opts,
             own: Mutex::new(Own::default()),
+            opening: tokio::sync::Mutex::new(()),
             store_dir: PathBuf::from(crate::format::store_path::STORE_DIR),
         }
     }
@@ -253,7 +286,16 @@ impl Claims {
         ignore: &HashSet<(String, u64)>,
     ) -> Result<Decision, TargetError> {
         self.claim(hash).await?;
-        if let Some(older) = older_than(&self.others(hash, ignore).await?, &self.my_key()) {
+        let mine = self.my_key();
+        let mut others = Vec::new();
+        for other in self.others(hash, ignore).await? {
+            if other.pending && other.key() < mine {
+                others.extend(self.keyed(hash, other).await?);
+            } else {
+                others.push(other);
+            }
+        }
+        if let Some(older) = older_than(&others, &mine) {
             self.withdraw(hash).await;
             return Ok(Decision::Wait(older));
         }
@@ -289,25 +331,89 @@ impl Claims {
         Ok(out)
     }
 
-    /// Claims the path (again), starting a session if none is under way.
+    /// Reads a pending claim again until it has its key; `None` once it is gone.
+    async fn keyed(&self, hash: &str, mut claim: Claim) -> Result<Option<Claim>, TargetError> {
+        let key = claim::claim_key(hash, &claim.machine);
+        let deadline = Instant::now() + PENDING_WAIT;
+        while claim.pending && Instant::now() < deadline {
+            tokio::time::sleep(PENDING_POLL).await;
+            let Some(bytes) = self.target.read_small(&key, MAX_CLAIM_LEN).await? else {
+                return Ok(None);
+            };
+            match Claim::parse(&bytes) {
+                Ok(now) if now.machine == claim.machine => claim = now,
+                Ok(_) => return Ok(None),
+                Err(e) => {
+                    tracing::debug!("{key}: not a claim: {e}");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(claim))
+    }
+
+    /// Claims the path (again), opening a session if none is under way.
     async fn claim(&self, hash: &str) -> Result<(), TargetError> {
-        let text = {
+        loop {
+            if let Some(text) = self.next_claim(hash) {
+                return self.put_claim(hash, text).await;
+            }
+            let _opening = self.opening.lock().await;
+            if self.lock().session.is_none() {
+                return self.open_session(hash).await;
+            }
+        }
+    }
+
+    /// Opens a session with a claim on the path: see the module doc for why the key is read
+    /// only once that claim has landed.
+    async fn open_session(&self, hash: &str) -> Result<(), TargetError> {
+        let before = now_ms();
+        let pending = {
             let mut own = self.lock();
-            let session = *own.session.get_or_insert_with(now_ms);
-            let held = own.held.entry(hash.to_owned()).or_insert(Held {
-                beat: 0,
-                since: Instant::now(),
-                path: None,
-                lock_seen: false,
-            });
+            let held = own.held.entry(hash.to_owned()).or_insert_with(Held::new);
             held.beat += 1;
+            Claim {
+                machine: self.opts.machine.clone(),
+                session: before,
+                beat: held.beat,
+                pending: true,
+            }
+        };
+        self.put_claim(hash, pending.to_string()).await?;
+        {
+            let mut own = self.lock();
+            // Withdrawn meanwhile (the path was uploaded): the next claim opens a session.
+            if !own.held.contains_key(hash) {
+                return Ok(());
+            }
+            own.session = Some(now_ms().max(before));
+        }
+        match self.next_claim(hash) {
+            Some(text) => self.put_claim(hash, text).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The claim on the path to write now, booked as held; `None` while no session is under
+    /// way.
+    fn next_claim(&self, hash: &str) -> Option<String> {
+        let mut own = self.lock();
+        let session = own.session?;
+        let held = own.held.entry(hash.to_owned()).or_insert_with(Held::new);
+        held.beat += 1;
+        Some(
             Claim {
                 machine: self.opts.machine.clone(),
                 session,
                 beat: held.beat,
+                pending: false,
             }
-            .to_string()
-        };
+            .to_string(),
+        )
+    }
+
+    async fn put_claim(&self, hash: &str, text: String) -> Result<(), TargetError> {
         let written = self
             .target
             .write_small(
@@ -610,181 +716,4 @@ fn locked_in_table(locks: &str, major: u32, minor: u32, ino: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cache::Target as _;
-
-    const HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
-
-    async fn machine(cache: &Path, name: &str, timeout: Duration) -> Arc<Claims> {
-        let target = crate::cache::file::FileTarget::new(cache.to_path_buf(), 3);
-        target.open().await.unwrap();
-        Arc::new(Claims::new(
-            Arc::new(target),
-            ClaimOptions {
-                machine: name.into(),
-                timeout,
-            },
-        ))
-    }
-
-    fn asking(claims: &Arc<Claims>, hash: &str) -> tokio::task::JoinHandle<Answer> {
-        let (claims, hash) = (claims.clone(), hash.to_owned());
-        tokio::spawn(async move { claims.answer_miss(&hash).await })
-    }
-
-    #[tokio::test]
-    async fn the_second_machine_waits_for_the_first_and_gets_what_it_uploads() {
-        let cache = tempfile::tempdir().unwrap();
-        let a = machine(cache.path(), "a", Duration::from_secs(60)).await;
-        let b = machine(cache.path(), "b", Duration::from_secs(60)).await;
-        assert!(matches!(a.answer_miss(HASH).await, Answer::Miss));
-        assert!(cache.path().join(format!("claims/{HASH}/a")).is_file());
-        assert_eq!(a.state().held, [HASH]);
-
-        let waiting = asking(&b, HASH);
-        tokio::time::sleep(POLL * 2).await;
-        assert!(!waiting.is_finished());
-        assert_eq!(b.state().waiting, [HASH]);
-        assert!(b.state().held.is_empty(), "a waiter holds no claim");
-
-        std::fs::write(
-            cache.path().join(format!("{HASH}.narinfo")),
-            "StorePath: x\n",
-        )
-        .unwrap();
-        a.release(HASH);
-        match tokio::time::timeout(POLL * 4, waiting).await {
-            Ok(Ok(Answer::Narinfo(body))) => assert_eq!(body, b"StorePath: x\n"),
-            other => panic!("the waiter did not get the narinfo: {other:?}"),
-        }
-        assert_eq!(b.state().builds_saved, 1);
-    }
-
-    #[tokio::test]
-    async fn machines_asking_at_once_never_both_wait_and_a_failure_frees_the_waiter() {
-        let cache = tempfile::tempdir().unwrap();
-        let mut agreed = 0;
-        for round in 0..10 {
-            let hash = format!("{}{round}", &HASH[..31]);
-            let a = machine(cache.path(), &format!("a{round}"), Duration::from_secs(60)).await;
-            let b = machine(cache.path(), &format!("b{round}"), Duration::from_secs(60)).await;
-            let (mut first, mut second) = (asking(&a, &hash), asking(&b, &hash));
-            tokio::time::sleep(POLL).await;
-            // One builds and the other waits on it; or, when the later one's claim landed
-            // after the earlier one listed, both build (allowed: a duplicate, never a wait
-            // on each other).
-            let (builder, waiter, waiting) = match (first.is_finished(), second.is_finished()) {
-                (true, false) => (a, b, &mut second),
-                (false, true) => (b, a, &mut first),
-                (true, true) => continue,
-                (false, false) => panic!("round {round}: both machines wait"),
-            };
-            agreed += 1;
-            assert_eq!(builder.state().held, std::slice::from_ref(&hash));
-            assert_eq!(waiter.state().waiting, std::slice::from_ref(&hash));
-            // The build fails: its claim goes, and the waiter builds at once.
-            builder.withdraw(&hash).await;
-            match tokio::time::timeout(POLL * 4, waiting).await {
-                Ok(Ok(Answer::Miss)) => {}
-                other => panic!("round {round}: the waiter did not take over: {other:?}"),
-            }
-            assert_eq!(waiter.state().held, std::slice::from_ref(&hash));
-            if agreed == 3 {
-                return;
-            }
-        }
-        panic!("only {agreed} of 10 rounds agreed on one builder");
-    }
-
-    #[tokio::test]
-    async fn a_claim_whose_heartbeat_stops_is_waited_on_for_the_timeout_only() {
-        let cache = tempfile::tempdir().unwrap();
-        let dead = Claim {
-            machine: "dead".into(),
-            session: 1,
-            beat: 3,
-        };
-        let dir = cache.path().join(format!("claims/{HASH}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("dead"), dead.to_string()).unwrap();
-        let b = machine(cache.path(), "b", Duration::from_secs(1)).await;
-        let started = Instant::now();
-        assert!(matches!(b.answer_miss(HASH).await, Answer::Miss));
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(4),
-            "{took:?}"
-        );
-        assert_eq!(b.state().held, [HASH]);
-    }
-
-    #[tokio::test]
-    async fn waits_go_one_way_only_so_crossed_claims_never_deadlock() {
-        let cache = tempfile::tempdir().unwrap();
-        let (p, q) = (HASH.to_owned(), format!("{}0", &HASH[..31]));
-        let a = machine(cache.path(), "a", Duration::from_secs(60)).await;
-        let b = machine(cache.path(), "b", Duration::from_secs(60)).await;
-        assert!(matches!(a.answer_miss(&p).await, Answer::Miss));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(matches!(b.answer_miss(&q).await, Answer::Miss));
-        // b's session is younger: b waits for a's p, a does not wait for b's q.
-        let b_waits = asking(&b, &p);
-        let started = Instant::now();
-        assert!(matches!(a.answer_miss(&q).await, Answer::Miss));
-        assert!(started.elapsed() < POLL, "the older session never waits");
-        tokio::time::sleep(POLL * 2).await;
-        assert!(!b_waits.is_finished());
-        b_waits.abort();
-    }
-
-    #[test]
-    fn the_lock_table_is_read_for_the_inode_asked_about() {
-        let table = "1: POSIX  ADVISORY  WRITE 800 fe:00:123 0 EOF\n\
-                     2: FLOCK  ADVISORY  WRITE 31152 fe:00:9576259 0 EOF\n\
-                     2: -> FLOCK  ADVISORY  WRITE 31160 fe:00:777 0 EOF\n";
-        assert!(locked_in_table(table, 0xfe, 0, 9_576_259));
-        assert!(locked_in_table(table, 0xfe, 0, 123));
-        assert!(!locked_in_table(table, 0xfe, 1, 123), "another device");
-        assert!(!locked_in_table(table, 0xfe, 0, 777), "only waiting for it");
-        assert!(!locked_in_table("", 0xfe, 0, 123));
-    }
-
-    #[test]
-    fn a_machine_waits_only_on_an_older_claim_and_on_the_oldest() {
-        let c = |machine: &str, session| Claim {
-            machine: machine.into(),
-            session,
-            beat: 1,
-        };
-        let mine = ClaimKey {
-            session: 100,
-            machine: "m".into(),
-        };
-        let claims = [
-            c("x", 150),
-            c("y", 90),
-            c("z", 80),
-            c("a", 100),
-            c("n", 100),
-        ];
-        assert_eq!(
-            older_than(&claims, &mine).map(|c| c.machine),
-            Some("z".into())
-        );
-        // On a tie the name decides: "a" < "m" < "n".
-        assert_eq!(
-            older_than(&claims[3..], &mine).map(|c| c.machine),
-            Some("a".into())
-        );
-        assert!(older_than(&[c("x", 150), c("n", 100)], &mine).is_none());
-        // Whatever two machines see, they never each find the other older.
-        let theirs = ClaimKey {
-            session: 90,
-            machine: "y".into(),
-        };
-        let my_claim = c("m", 100);
-        assert!(older_than(&[c("y", 90)], &mine).is_some());
-        assert!(older_than(&[my_claim], &theirs).is_none());
-    }
-}
+mod tests;

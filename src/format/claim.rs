@@ -11,7 +11,9 @@
 //! `Session` is when the machine's current claiming session began (milliseconds since the
 //! epoch, on its own clock); with the machine name it is the claim's [`ClaimKey`], by which
 //! every machine orders claims alike. `Beat` counts the claim's rewrites: a claim whose
-//! beat stops changing belongs to a machine that stopped.
+//! beat stops changing belongs to a machine that stopped. A claim that opens a session is
+//! first written with `Pending: yes` and a `Session` that is only a lower bound of the key
+//! it gets when it is rewritten a moment later (see [`crate::claims`] for why).
 
 use std::fmt;
 
@@ -26,6 +28,8 @@ pub struct Claim {
     pub machine: String,
     pub session: u64,
     pub beat: u64,
+    /// The session's key is not read yet; `session` is a lower bound of it.
+    pub pending: bool,
 }
 
 /// The order of claims: the older session first, the machine name breaking ties. Waits go
@@ -48,6 +52,8 @@ pub enum ClaimError {
         "machine name {0:?}: use 1 to {MAX_MACHINE_LEN} of A-Z a-z 0-9 . _ -, not starting with a dot"
     )]
     BadMachine(String),
+    #[error("Pending is {0:?}, not yes or no")]
+    BadPending(String),
     #[error("no {0} line")]
     Missing(&'static str),
 }
@@ -75,7 +81,7 @@ impl Claim {
             return Err(ClaimError::TooLong);
         }
         let text = String::from_utf8_lossy(text);
-        let (mut machine, mut session, mut beat) = (None, None, None);
+        let (mut machine, mut session, mut beat, mut pending) = (None, None, None, false);
         for line in text.lines().filter(|l| !l.is_empty()) {
             let Some((name, value)) = line.split_once(": ") else {
                 return Err(ClaimError::BadLine(line.to_owned()));
@@ -94,6 +100,13 @@ impl Claim {
                 }
                 "Session" => session = Some(number("Session")?),
                 "Beat" => beat = Some(number("Beat")?),
+                "Pending" => {
+                    pending = match value {
+                        "yes" => true,
+                        "no" => false,
+                        _ => return Err(ClaimError::BadPending(value.to_owned())),
+                    }
+                }
                 // Later versions may say more.
                 _ => {}
             }
@@ -102,6 +115,7 @@ impl Claim {
             machine: machine.ok_or(ClaimError::Missing("Machine"))?,
             session: session.ok_or(ClaimError::Missing("Session"))?,
             beat: beat.ok_or(ClaimError::Missing("Beat"))?,
+            pending,
         })
     }
 }
@@ -112,7 +126,11 @@ impl fmt::Display for Claim {
             f,
             "Machine: {}\nSession: {}\nBeat: {}\n",
             self.machine, self.session, self.beat
-        )
+        )?;
+        if self.pending {
+            f.write_str("Pending: yes\n")?;
+        }
+        Ok(())
     }
 }
 
@@ -136,6 +154,7 @@ mod tests {
             machine: "builder-3".into(),
             session: 1_764_633_600_123,
             beat: 7,
+            pending: false,
         };
         let text = c.to_string();
         assert_eq!(
@@ -145,6 +164,20 @@ mod tests {
         assert_eq!(Claim::parse(text.as_bytes()), Ok(c.clone()));
         assert_eq!(
             Claim::parse(format!("{text}Later: field\n").as_bytes()),
+            Ok(c.clone())
+        );
+        let pending = Claim {
+            pending: true,
+            ..c.clone()
+        };
+        let text = pending.to_string();
+        assert_eq!(
+            text,
+            "Machine: builder-3\nSession: 1764633600123\nBeat: 7\nPending: yes\n"
+        );
+        assert_eq!(Claim::parse(text.as_bytes()), Ok(pending));
+        assert_eq!(
+            Claim::parse(format!("{}Pending: no\n", c).as_bytes()),
             Ok(c.clone())
         );
         let older = ClaimKey {
@@ -176,6 +209,10 @@ mod tests {
                 ClaimError::BadMachine("../up".into()),
             ),
             ("garbage\n", ClaimError::BadLine("garbage".into())),
+            (
+                "Machine: a\nSession: 1\nBeat: 1\nPending: maybe\n",
+                ClaimError::BadPending("maybe".into()),
+            ),
         ] {
             assert_eq!(Claim::parse(text.as_bytes()), Err(err), "{text:?}");
         }
