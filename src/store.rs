@@ -26,7 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Deserialize;
@@ -79,16 +80,16 @@ pub enum StoreError {
 /// Read access to the local Nix store's metadata. `Send + Sync`; every method blocks, so
 /// async callers use `spawn_blocking`.
 pub struct Store {
-    source: Source,
+    db: PathBuf,
+    /// Unset while the store is asked through `nix` instead, and then tried again every
+    /// [`RETRY_DB`]: where Nix has never run there is no database yet, and the daemon may
+    /// well start before the first build makes it (build claims see builds only in it).
+    conn: OnceLock<Mutex<Connection>>,
+    next_try: Mutex<Instant>,
 }
 
-enum Source {
-    Db {
-        conn: Mutex<Connection>,
-        db: PathBuf,
-    },
-    NixCli,
-}
+/// How often a store on the `nix` fallback tries its database again.
+const RETRY_DB: Duration = Duration::from_secs(1);
 
 /// The database Nix itself uses: `$NIX_STATE_DIR/db/db.sqlite`, by default under /nix/var/nix.
 pub fn default_db_path() -> PathBuf {
@@ -104,36 +105,56 @@ impl Store {
     }
 
     pub fn open(db: &Path) -> Result<Store, StoreError> {
+        let store = Store {
+            db: db.to_path_buf(),
+            conn: OnceLock::new(),
+            next_try: Mutex::new(Instant::now() + RETRY_DB),
+        };
         match open_db(db) {
-            Ok(conn) => Ok(Store {
-                source: Source::Db {
-                    conn: Mutex::new(conn),
-                    db: db.to_path_buf(),
-                },
-            }),
-            Err(source) => {
-                // Only fall back when Nix itself can answer; otherwise the database error is
-                // the one that says what is wrong.
-                match nix_cli_probe() {
-                    Ok(()) => Ok(Store {
-                        source: Source::NixCli,
-                    }),
-                    Err(fallback) => Err(StoreError::Unreadable {
-                        db: db.display().to_string(),
-                        source,
-                        fallback,
-                    }),
-                }
+            Ok(conn) => {
+                let _ = store.conn.set(Mutex::new(conn));
+                Ok(store)
             }
+            // Only fall back when Nix itself can answer; otherwise the database error is the
+            // one that says what is wrong.
+            Err(source) => match nix_cli_probe() {
+                Ok(()) => Ok(store),
+                Err(fallback) => Err(StoreError::Unreadable {
+                    db: db.display().to_string(),
+                    source,
+                    fallback,
+                }),
+            },
         }
+    }
+
+    /// The database, if it is open or opens now; `None`: ask `nix`.
+    fn conn(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
+        if let Some(conn) = self.conn.get() {
+            return Some(lock(conn));
+        }
+        {
+            let mut next = self.next_try.lock().unwrap_or_else(|e| e.into_inner());
+            if Instant::now() < *next {
+                return None;
+            }
+            *next = Instant::now() + RETRY_DB;
+        }
+        let conn = open_db(&self.db).ok()?;
+        let _ = self.conn.set(Mutex::new(conn));
+        self.conn.get().map(lock)
+    }
+
+    /// Whether the store is read from Nix's database (not through `nix`) right now.
+    pub fn reads_the_database(&self) -> bool {
+        self.conn().is_some()
     }
 
     /// Info for exactly these paths, in the order given. A path that is not valid is an error.
     pub fn query(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, StoreError> {
-        match &self.source {
-            Source::Db { conn, db } => {
-                let conn = lock(conn);
-                let mut q = DbQuery::new(&conn, db)?;
+        match self.conn() {
+            Some(conn) => {
+                let mut q = DbQuery::new(&conn, &self.db)?;
                 paths
                     .iter()
                     .map(|p| {
@@ -143,7 +164,7 @@ impl Store {
                     })
                     .collect()
             }
-            Source::NixCli => {
+            None => {
                 let infos = nix_path_info(paths, false)?;
                 let by_path: HashMap<_, _> =
                     infos.into_iter().map(|i| (i.path.clone(), i)).collect();
@@ -162,10 +183,9 @@ impl Store {
     /// The closure of `roots`, every path exactly once, references before referrers
     /// (ties broken by name so the order is stable).
     pub fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, StoreError> {
-        let infos = match &self.source {
-            Source::Db { conn, db } => {
-                let conn = lock(conn);
-                let mut q = DbQuery::new(&conn, db)?;
+        let infos = match self.conn() {
+            Some(conn) => {
+                let mut q = DbQuery::new(&conn, &self.db)?;
                 let mut seen: HashSet<StorePath> = HashSet::new();
                 let mut todo: VecDeque<StorePath> = roots.iter().cloned().collect();
                 let mut out = Vec::new();
@@ -185,19 +205,18 @@ impl Store {
                 }
                 out
             }
-            Source::NixCli => nix_path_info(roots, true)?,
+            None => nix_path_info(roots, true)?,
         };
         Ok(topo_sort(infos))
     }
 
     pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
-        match &self.source {
-            Source::Db { conn, db } => {
-                let conn = lock(conn);
-                let mut q = DbQuery::new(&conn, db)?;
+        match self.conn() {
+            Some(conn) => {
+                let mut q = DbQuery::new(&conn, &self.db)?;
                 Ok(q.id(path)?.is_some())
             }
-            Source::NixCli => match nix_path_info(std::slice::from_ref(path), false) {
+            None => match nix_path_info(std::slice::from_ref(path), false) {
                 Ok(v) => Ok(!v.is_empty()),
                 Err(StoreError::NotValid { .. }) => Ok(false),
                 Err(e) => Err(e),
@@ -210,10 +229,10 @@ impl Store {
     /// the store knows no such path, or can only be asked through `nix` (which knows only
     /// valid paths).
     pub fn path_from_hash_part(&self, hash: &str) -> Result<Option<StorePath>, StoreError> {
-        let Source::Db { conn, db } = &self.source else {
+        let Some(conn) = self.conn() else {
             return Ok(None);
         };
-        let conn = lock(conn);
+        let db = &self.db;
         let from = format!("{}/{hash}-", crate::format::store_path::STORE_DIR);
         // `-` is followed by `.` in ASCII: every name starting with the prefix sorts below.
         let to = format!("{}/{hash}.", crate::format::store_path::STORE_DIR);
@@ -242,12 +261,12 @@ impl Store {
     /// Paths registered at or after `since` (seconds), with their registration time, oldest
     /// first. Used to rescan after the store watcher lost events.
     pub fn registered_since(&self, since: i64) -> Result<Vec<(StorePath, i64)>, StoreError> {
-        let Source::Db { conn, db } = &self.source else {
+        let Some(conn) = self.conn() else {
             return Err(StoreError::NixCli(
                 "scanning by registration time needs read access to the store database; run as root".into(),
             ));
         };
-        let conn = lock(conn);
+        let db = &self.db;
         let query_err = |source| StoreError::Query {
             db: db.display().to_string(),
             source,
@@ -727,5 +746,42 @@ mod tests {
         let err = parse_path_info_json(br#"{"/tmp/x": {"narHash": "sha256-knb9U7Sdy/YWj4gjrvFIevLuTiMEt+5kEtunmYK5CoY=", "narSize": 1}}"#)
             .expect_err("not a store path");
         assert_eq!(err.to_string(), "nix path-info: /tmp/x: unexpected path");
+    }
+
+    #[test]
+    fn a_database_that_nix_makes_after_the_store_opened_is_read_from_then_on() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(&state.path().join("db/db.sqlite")).expect("the nix fallback");
+        let path = fixture_path("0a9md1shvh6qsmdjzvvhh409rpk8l5ni-narpost-fixture-a");
+        let hash = path.hash_part().to_owned();
+        assert!(!store.reads_the_database());
+        assert_eq!(store.path_from_hash_part(&hash).unwrap(), None);
+
+        let nix_store = |args: &[&str], stdin: &str| {
+            use std::io::Write;
+            let mut child = Command::new("nix-store")
+                .args(args)
+                .env("NIX_STATE_DIR", state.path())
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("nix-store (scripts/install-deps installs it)");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success(), "nix-store {args:?}");
+        };
+        nix_store(&["--init"], "");
+        let registration = format!(
+            "{}\nsha256:{}\n120\n\n0\n",
+            path.to_absolute(),
+            "0".repeat(52)
+        );
+        nix_store(&["--load-db"], &registration);
+        std::thread::sleep(RETRY_DB);
+        assert_eq!(store.path_from_hash_part(&hash).unwrap(), Some(path));
+        assert!(store.reads_the_database());
     }
 }
