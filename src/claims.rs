@@ -316,37 +316,42 @@ impl Claims {
             if name == self.opts.machine || !claim::valid_machine(&name) {
                 continue;
             }
-            let key = claim::claim_key(hash, &name);
-            let Some(bytes) = self.target.read_small(&key, MAX_CLAIM_LEN).await? else {
-                continue;
-            };
-            match Claim::parse(&bytes) {
-                Ok(c) if c.machine == name && !ignore.contains(&(c.machine.clone(), c.session)) => {
-                    out.push(c)
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!("{key}: not a claim: {e}"),
+            match self.read_claim(hash, &name).await? {
+                Some(c) if !ignore.contains(&(c.machine.clone(), c.session)) => out.push(c),
+                _ => {}
             }
         }
         Ok(out)
     }
 
+    /// `machine`'s claim on the path; `None` when there is none, or what is there is not a
+    /// claim of that machine's.
+    async fn read_claim(&self, hash: &str, machine: &str) -> Result<Option<Claim>, TargetError> {
+        let key = claim::claim_key(hash, machine);
+        let Some(bytes) = self.target.read_small(&key, MAX_CLAIM_LEN).await? else {
+            return Ok(None);
+        };
+        match Claim::parse(&bytes) {
+            Ok(c) if c.machine == machine => Ok(Some(c)),
+            Ok(c) => {
+                tracing::debug!("{key}: a claim of {}", c.machine);
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::debug!("{key}: not a claim: {e}");
+                Ok(None)
+            }
+        }
+    }
+
     /// Reads a pending claim again until it has its key; `None` once it is gone.
     async fn keyed(&self, hash: &str, mut claim: Claim) -> Result<Option<Claim>, TargetError> {
-        let key = claim::claim_key(hash, &claim.machine);
         let deadline = Instant::now() + PENDING_WAIT;
         while claim.pending && Instant::now() < deadline {
             tokio::time::sleep(PENDING_POLL).await;
-            let Some(bytes) = self.target.read_small(&key, MAX_CLAIM_LEN).await? else {
-                return Ok(None);
-            };
-            match Claim::parse(&bytes) {
-                Ok(now) if now.machine == claim.machine => claim = now,
-                Ok(_) => return Ok(None),
-                Err(e) => {
-                    tracing::debug!("{key}: not a claim: {e}");
-                    return Ok(None);
-                }
+            match self.read_claim(hash, &claim.machine).await? {
+                Some(now) => claim = now,
+                None => return Ok(None),
             }
         }
         Ok(Some(claim))
@@ -381,13 +386,19 @@ impl Claims {
             }
         };
         self.put_claim(hash, pending.to_string()).await?;
-        {
+        let withdrawn = {
             let mut own = self.lock();
-            // Withdrawn meanwhile (the path was uploaded): the next claim opens a session.
-            if !own.held.contains_key(hash) {
-                return Ok(());
+            let withdrawn = !own.held.contains_key(hash);
+            if !withdrawn {
+                own.session = Some(now_ms().max(before));
             }
-            own.session = Some(now_ms().max(before));
+            withdrawn
+        };
+        if withdrawn {
+            // The path was uploaded while its claim was on its way, and the removal may have
+            // come first; the next claim opens a session.
+            self.remove_own(hash).await;
+            return Ok(());
         }
         match self.next_claim(hash) {
             Some(text) => self.put_claim(hash, text).await,
@@ -430,11 +441,15 @@ impl Claims {
     /// Ends this machine's claim on the path, if it holds one.
     async fn withdraw(&self, hash: &str) {
         if self.forget(hash) {
-            let key = claim::claim_key(hash, &self.opts.machine);
-            if let Err(e) = self.target.remove(&key).await {
-                // It expires with its heartbeat.
-                tracing::warn!("claims: cannot remove {key}: {}", e.message);
-            }
+            self.remove_own(hash).await;
+        }
+    }
+
+    async fn remove_own(&self, hash: &str) {
+        let key = claim::claim_key(hash, &self.opts.machine);
+        if let Err(e) = self.target.remove(&key).await {
+            // It expires with its heartbeat.
+            tracing::warn!("claims: cannot remove {key}: {}", e.message);
         }
     }
 
@@ -462,7 +477,6 @@ impl Claims {
     async fn wait_on(&self, hash: &str, on: &Claim, deadline: Instant) -> WaitEnd {
         let _waiting = Waiting::new(self, hash);
         let narinfo = format!("{hash}.narinfo");
-        let key = claim::claim_key(hash, &on.machine);
         let mut beat = on.beat;
         let mut changed = Instant::now();
         loop {
@@ -473,17 +487,14 @@ impl Claims {
             if let Ok(Some(body)) = self.target.read_small(&narinfo, MAX_NARINFO).await {
                 return WaitEnd::Narinfo(body);
             }
-            match self.target.read_small(&key, MAX_CLAIM_LEN).await {
-                Ok(None) => return WaitEnd::Gone,
-                Ok(Some(bytes)) => match Claim::parse(&bytes) {
-                    Ok(now) if now.session == on.session => {
-                        if now.beat != beat {
-                            beat = now.beat;
-                            changed = Instant::now();
-                        }
+            match self.read_claim(hash, &on.machine).await {
+                Ok(Some(now)) if now.session == on.session => {
+                    if now.beat != beat {
+                        beat = now.beat;
+                        changed = Instant::now();
                     }
-                    _ => return WaitEnd::Gone,
-                },
+                }
+                Ok(_) => return WaitEnd::Gone,
                 // A cache that cannot be read counts as a claim that does not change.
                 Err(e) => tracing::debug!("claims: {}", e.message),
             }
