@@ -374,18 +374,8 @@ impl Claims {
     /// only once that claim has landed.
     async fn open_session(&self, hash: &str) -> Result<(), TargetError> {
         let before = now_ms();
-        let pending = {
-            let mut own = self.lock();
-            let held = own.held.entry(hash.to_owned()).or_insert_with(Held::new);
-            held.beat += 1;
-            Claim {
-                machine: self.opts.machine.clone(),
-                session: before,
-                beat: held.beat,
-                pending: true,
-            }
-        };
-        self.put_claim(hash, pending.to_string()).await?;
+        let pending = self.book(&mut self.lock(), hash, before, true);
+        self.put_claim(hash, pending).await?;
         let withdrawn = {
             let mut own = self.lock();
             let withdrawn = !own.held.contains_key(hash);
@@ -411,17 +401,20 @@ impl Claims {
     fn next_claim(&self, hash: &str) -> Option<String> {
         let mut own = self.lock();
         let session = own.session?;
+        Some(self.book(&mut own, hash, session, false))
+    }
+
+    /// Books the claim on the path as held, with its next beat; the text to write.
+    fn book(&self, own: &mut Own, hash: &str, session: u64, pending: bool) -> String {
         let held = own.held.entry(hash.to_owned()).or_insert_with(Held::new);
         held.beat += 1;
-        Some(
-            Claim {
-                machine: self.opts.machine.clone(),
-                session,
-                beat: held.beat,
-                pending: false,
-            }
-            .to_string(),
-        )
+        Claim {
+            machine: self.opts.machine.clone(),
+            session,
+            beat: held.beat,
+            pending,
+        }
+        .to_string()
     }
 
     async fn put_claim(&self, hash: &str, text: String) -> Result<(), TargetError> {

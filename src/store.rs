@@ -134,7 +134,7 @@ impl Store {
             return Some(lock(conn));
         }
         {
-            let mut next = self.next_try.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = lock(&self.next_try);
             if Instant::now() < *next {
                 return None;
             }
@@ -293,9 +293,9 @@ impl Store {
     }
 }
 
-fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-    // A panic while holding the lock leaves the connection itself intact.
-    conn.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves what it guards intact (a connection, an instant).
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn open_db(db: &Path) -> Result<Connection, rusqlite::Error> {
